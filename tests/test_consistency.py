@@ -28,9 +28,9 @@ def test_stage_command_params_and_outs(st):
     assert set(section) <= set(st.params.model_fields), "params.yaml keys the validator does not read"
     st.params.model_validate(section)  # the committed CPU-scale values are valid
     outs = [o if isinstance(o, str) else next(iter(o)) for o in entry["outs"]]
-    assert f"artifacts/{st.paper}/{st.name}" in outs or st.writes_results
-    if st.writes_results:
-        assert f"results/{st.paper}" in outs
+    assert f"artifacts/{st.paper}/{st.name}" in outs
+    if st.writes_results:  # results/<paper> in git, and a cached copy in the artifact for remotes
+        assert {f"results/{st.paper}": {"cache": False}} in entry["outs"]
     for name in st.inputs:
         assert f"artifacts/{st.paper}/{name}" in entry["deps"], f"{st.dvc_name} reads {name}"
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -176,7 +177,8 @@ def run_stage(paper: str, name: str, root: Path | None = None, params: dict | No
         res_tmp = io.new_tmp_dir(res_final)
 
     tags = {"paper": paper, "stage": name, "dvc_stage": stage.dvc_name, "device": str(device),
-            "git_commit": git_commit(root), "gpu_stage": str(stage.gpu).lower()}
+            "git_commit": git_commit(root), "gpu_stage": str(stage.gpu).lower(),
+            "host": socket.gethostname(), "workspace": str(root)}
     tracker = Tracker(root, paper, stage.dvc_name, tags, enabled=track)
     ctx = StageContext(stage, root, stage_params, glob.seed, device, out_tmp, res_tmp, tracker)
     start = time.perf_counter()
@@ -185,6 +187,10 @@ def run_stage(paper: str, name: str, root: Path | None = None, params: dict | No
                             "device": glob.device})
         stage.fn(ctx, stage_params)
         seconds = time.perf_counter() - start
+        if res_tmp is not None:  # a cached copy travels through DVC remotes (results/ is git's)
+            import shutil
+
+            shutil.copytree(res_tmp, out_tmp / "results")
         io.commit_dir(out_tmp, final_out)
         if res_tmp is not None:
             io.commit_dir(res_tmp, res_final)
