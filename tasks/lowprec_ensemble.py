@@ -137,6 +137,7 @@ def train(ctx: StageContext, p: TrainParams) -> None:
         io.write_json(ctx.out_dir / "meta.json", {"kind": "pretrained", "seeds": p.seeds})
         return
 
+    torch.set_num_threads(1)  # a small MLP: threading overhead exceeds the gain on 2 cores
     data = load_data(ctx.input("prepare"))
     x, y = data["x_train"].float().to(ctx.device), data["y_train"].to(ctx.device)
     meta = {"kind": "mlp", "in_features": x.shape[1], "hidden": p.hidden,
@@ -247,6 +248,8 @@ def ensemble(ctx: StageContext, p: EnsembleParams) -> None:
     data = load_data(ctx.input("prepare"))
     train_dir = ctx.input("train")
     meta = io.read_json(train_dir / "meta.json")
+    if meta["kind"] == "mlp":
+        torch.set_num_threads(1)
     x_test = data["x_test"].float().to(ctx.device)
 
     def batches():
