@@ -202,19 +202,12 @@ class EnsembleParams(Params):
     swag_samples: int = Field(ge=0, description="SWAG-diagonal posterior samples")
     batch_size: int = Field(gt=0, description="evaluation batch size")
 
-    @field_validator("bits")
+    @field_validator("bits", "snapshot_lpe_bits")
     @classmethod
     def _bits(cls, v):
-        bad = [b for b in v if not 2 <= b <= 32]
+        bad = [b for b in (v if isinstance(v, list) else [v]) if not 2 <= b <= 32]
         if bad:
             raise ValueError(f"bits must be between 2 and 32, got {bad}")
-        return v
-
-    @field_validator("snapshot_lpe_bits")
-    @classmethod
-    def _sbits(cls, v):
-        if not 2 <= v <= 32:
-            raise ValueError(f"bits must be between 2 and 32, got {v}")
         return v
 
     @field_validator("sizes")
