@@ -30,8 +30,9 @@ def regime_switching(n: int, seed: int, n_points: int = 50, keep: int = 25, obs_
                      n_regimes: int = 7, stay: float = 0.93, speed: float = 1.5, obs_noise: float = 0.3,
                      missing: float = 0.2, mean_gap: float = 0.1) -> dict:
     """A 2-d latent position moves with the velocity of its hidden Markov regime (7 directions); it is
-    seen through a fixed random 12x2 linear map plus noise at Poisson-process times; the label of each
-    kept time point is its regime. Only motion identifies the regime, so a model must use the dynamics.
+    seen through a fixed random 12x2 linear map plus noise on a grid of ``n_points`` steps of ``mean_gap``
+    (like the 100 ms bins of Human Activity), of which a random ``keep`` are kept; the label of each kept
+    time point is its regime. Only motion identifies the regime, so a model must use the dynamics.
     """
     rng = np.random.default_rng(seed)
     emit = np.random.default_rng(12345).normal(size=(2, obs_dim)) / np.sqrt(2)   # shared across splits
@@ -41,7 +42,7 @@ def regime_switching(n: int, seed: int, n_points: int = 50, keep: int = 25, obs_
     values = np.zeros((n, keep, obs_dim), np.float32)
     labels = np.zeros((n, keep), np.int64)
     for i in range(n):
-        t = np.cumsum(rng.exponential(mean_gap, n_points))
+        t = np.arange(1, n_points + 1) * mean_gap
         regime = np.empty(n_points, np.int64)
         regime[0] = rng.integers(n_regimes)
         for k in range(1, n_points):
