@@ -316,7 +316,7 @@ def fit_denoiser(model: nn.Module, schedule: ExitSchedule, noise_scheduler, x: t
         sched.step()
         ema.step(model.parameters())
         if on_step is not None:
-            on_step(step, float(loss))
+            on_step(step, loss.item())
     model.eval()
     ema_model = copy.deepcopy(model)
     ema.copy_to(ema_model.parameters())
@@ -355,6 +355,50 @@ def sample(denoiser: Callable, scheduler, labels: torch.Tensor, shape: tuple[int
             eps = denoiser(xin, t.expand(b).to(device), labels)
         x = scheduler.step(eps, t, x, generator=generator).prev_sample
     return x
+
+
+def sampling_grid(denoisers: dict[str, "EarlyExitDenoiser"], samplers: dict[str, int], labels: torch.Tensor,
+                  shape: tuple[int, ...], seeds: Sequence[int], batch_size: int, guidance_scale: float = 1.0,
+                  null_label: int | None = None, device: torch.device | str = "cpu", warmup: bool = True,
+                  on_done: Callable[[str, str, int], None] | None = None) -> dict:
+    """Sample every (seed, sampler, variant) and time it, interleaving variants (speed is measured in one
+    process, same batch size, variant order rotated per seed so drift and warm-up do not favour one).
+
+    Every variant of a (seed, sampler) pair starts from the same noise and labels (paired comparison).
+    Returns {(seed, sampler, variant): {"images", "seconds", "images_per_s", "blocks_per_image"}}.
+    """
+    import time
+
+    names = list(denoisers)
+    if warmup:  # one small untimed run per variant and sampler: allocations, lazy init, caches
+        for sampler_name, steps in samplers.items():
+            for name in names:
+                sample(denoisers[name], make_scheduler(sampler_name), labels[: min(8, len(labels))], shape,
+                       min(steps, 3), torch.Generator().manual_seed(0), guidance_scale, null_label, device)
+    out = {}
+    for si, seed in enumerate(seeds):
+        for sampler_name, steps in samplers.items():
+            order = names[si % len(names):] + names[: si % len(names)]
+            for name in order:
+                den = denoisers[name]
+                den.reset_counter()
+                gen = torch.Generator().manual_seed(int(seed))
+                imgs, seconds = [], 0.0
+                for i in range(0, len(labels), batch_size):
+                    lab = labels[i:i + batch_size]
+                    t0 = time.perf_counter()
+                    imgs.append(sample(den, make_scheduler(sampler_name), lab, shape, steps, gen, guidance_scale,
+                                       null_label, device).cpu())
+                    if torch.cuda.is_available() and str(device).startswith("cuda"):
+                        torch.cuda.synchronize()
+                    seconds += time.perf_counter() - t0
+                n = len(labels)
+                out[(seed, sampler_name, name)] = {
+                    "images": torch.cat(imgs), "seconds": seconds, "images_per_s": n / seconds,
+                    "blocks_per_image": den.block_evaluations / n}
+                if on_done is not None:
+                    on_done(sampler_name, name, int(seed))
+    return out
 
 
 def make_scheduler(name: str, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
@@ -398,5 +442,5 @@ __all__ = [
     "PAPER_DIT_XL2_SCHEDULE", "ExitSchedule", "schedule_for", "early_exit_forward", "EarlyExitDenoiser",
     "block_evaluations_per_image", "dit_init_", "disable_per_block_label_dropout", "drop_labels",
     "freeze_time_embedders", "noise_prediction_loss", "FitConfig", "fit_denoiser", "sample",
-    "make_scheduler", "SAMPLERS", "tiny_dit", "count_parameters",
+    "make_scheduler", "sampling_grid", "SAMPLERS", "tiny_dit", "count_parameters",
 ]
