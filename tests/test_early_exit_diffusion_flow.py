@@ -93,3 +93,20 @@ def test_schedule_deeper_than_the_model_fails_before_any_finetuning(tmp_path):
     assert variant_schedule("uniform", model, [3, 3, 3, 3, 2, 2, 1, 1, 1, 1]).blocks == (2,) * 10
     assert variant_schedule("reversed", model, [3, 3, 3, 3, 2, 2, 1, 1, 1, 1]).blocks[0] == 1
     assert torch.is_tensor(variant_schedule("full", model, [3] * 10).blocks_at(5))
+
+
+def test_claims_follow_the_numbers_for_every_sampler():
+    from tasks.early_exit_diffusion import compute_claims
+
+    def row(fd, speed):
+        return {"fd_proxy": fd, "speedup_vs_full": speed}
+
+    good = {"full": row(10.0, 1.0), "naive": row(30.0, 1.4), "ase": row(10.5, 1.4), "reversed": row(20.0, 1.4),
+            "full_control": row(9.0, 1.0)}
+    summary = {"ddim": dict(good), "ddpm": dict(good)}
+    c = compute_claims(summary, ["ddim", "ddpm"], 1.25, 1.10)
+    assert c == {"ase_faster": True, "ase_quality_kept": True, "finetuning_needed": True,
+                 "schedule_direction_matters": True, "ase_quality_kept_vs_equal_steps_full": False}
+    summary["ddpm"] = {**good, "ase": row(12.0, 1.2)}  # one sampler fails both speed and quality
+    c = compute_claims(summary, ["ddim", "ddpm"], 1.25, 1.10)
+    assert not c["ase_faster"] and not c["ase_quality_kept"]
