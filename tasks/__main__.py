@@ -1,0 +1,89 @@
+"""CLI: ``python -m tasks run <paper> <stage>`` runs one stage (what dvc.yaml calls).
+
+Exit codes: 0 done, 2 bad input (unknown paper/stage, invalid params, missing inputs), 1 a failure.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .core import errors
+
+
+def _papers_help() -> str:
+    from .core.registry import load_all
+
+    lines = []
+    for paper, stages in sorted(load_all().items()):
+        names = ", ".join(f"{s}{' [gpu]' if st.gpu else ''}" for s, st in stages.items())
+        lines.append(f"  {paper}: {names}")
+    return "registered papers and stages:\n" + "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tasks", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run paperflows stages (each paper is a chain of DVC stages).",
+        epilog=_papers_help() + "\n\nexamples:\n  python -m tasks run lowprec_ensemble prepare\n"
+               "  python -m tasks list lowprec_ensemble\n  python -m tasks scale smoke")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one stage with the parameters in params.yaml",
+                         description="Run one stage: validate params.yaml, check the upstream "
+                                     "outputs, run, write outputs atomically, log to MLflow.")
+    run.add_argument("paper", help="paper id, e.g. lowprec_ensemble")
+    run.add_argument("stage", help="stage name, e.g. prepare")
+    run.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    ls = sub.add_parser("list", help="list papers, or a paper's stages and their parameters")
+    ls.add_argument("paper", nargs="?", help="paper id")
+    sc = sub.add_parser("scale", help="switch params.yaml to a scale (smoke, cpu, paper)",
+                        description="Apply scales/<scale>.yaml overrides to params.yaml in place "
+                                    "(git checkout params.yaml returns to the CPU default). "
+                                    "--print shows them as `dvc exp run -S` flags instead.")
+    sc.add_argument("scale", choices=["smoke", "cpu", "paper"])
+    sc.add_argument("--paper", action="append", dest="papers", help="only this paper (repeatable)")
+    sc.add_argument("--print", action="store_true", help="print -S flags, change nothing")
+    return parser
+
+
+def _list(paper: str | None) -> None:
+    from .core.registry import get_paper, papers
+
+    if paper is None:
+        print("\n".join(papers()))
+        return
+    for name, st in get_paper(paper).items():
+        print(f"{st.dvc_name}{'  [gpu]' if st.gpu else ''}: {st.description}")
+        if st.inputs:
+            print(f"  inputs: {', '.join(st.inputs)}")
+        for key, field in st.params.model_fields.items():
+            print(f"  {paper}.{name}.{key}: {field.annotation.__name__ if hasattr(field.annotation, '__name__') else field.annotation}"
+                  f"{' - ' + field.description if field.description else ''}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from .core.context import run_stage
+
+            run_stage(args.paper, args.stage, track=not args.no_mlflow)
+        elif args.command == "list":
+            _list(args.paper)
+        elif args.command == "scale":
+            from .core.scales import apply_scale, scale_set_params
+            from .core.settings import find_root
+
+            root = find_root()
+            if args.print:
+                print(" ".join(f"-S '{a}'" for a in scale_set_params(root, args.scale, args.papers)))
+            else:
+                done = apply_scale(root, args.scale, args.papers)
+                print(f"params.yaml: {len(done)} values set for scale '{args.scale}'")
+    except errors.UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Shared fixtures: a smoke-scale git+DVC clone of the project, a private MLflow store, the
+Prefect test harness (one per session)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("PAPERFLOWS_NO_PROGRESS", "1")
+os.environ.setdefault("PAPERFLOWS_THREADS", "2")
+
+
+def project_files(root: Path = ROOT) -> list[str]:
+    """Tracked and untracked-but-not-ignored files of the checkout."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    return [f for f in out if f and (root / f).is_file()]
+
+
+def make_clone(dest: Path, scale: str = "smoke", papers: list[str] | None = None) -> Path:
+    """Copy the project into ``dest`` as a fresh git repo with DVC, switched to ``scale``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in project_files():
+        if rel.startswith(("results/", "docs/")) or rel == "dvc.lock":
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    run = lambda *cmd: subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True, text=True)
+    run("git", "init", "-q", "-b", "main")
+    if scale != "cpu":
+        cmd = [sys.executable, "-m", "tasks", "scale", scale]
+        for p in papers or []:
+            cmd += ["--paper", p]
+        run(*cmd)
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", f"clone at {scale} scale")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory) -> str:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
+
+
+@pytest.fixture(scope="session")
+def smoke_repo(tmp_path_factory, mlflow_uri) -> Path:
+    return make_clone(tmp_path_factory.mktemp("smoke") / "repo")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, "PAPERFLOWS_NO_PROGRESS": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def tasks_cli(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tasks", *args], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, "PAPERFLOWS_NO_PROGRESS": "1"})

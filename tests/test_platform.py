@@ -1,0 +1,145 @@
+"""The platform's promises: clear errors with exit code 2 and nothing written, atomic outputs,
+a killed stage leaves nothing partial behind."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.core import io
+from tasks.core.errors import ParamsError, UnknownPaperError, UnknownStageError
+from tasks.core.params import validate_section
+from tasks.core.registry import get_stage
+from tests.conftest import ROOT, make_clone, tasks_cli
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, mlflow_uri):
+    return make_clone(tmp_path_factory.mktemp("platform") / "repo")
+
+
+def set_param(repo: Path, dotted: str, value) -> None:
+    data = yaml.safe_load((repo / "params.yaml").read_text())
+    node = data
+    *keys, last = dotted.split(".")
+    for k in keys:
+        node = node[k]
+    if value is KeyError:
+        node.pop(last)
+    else:
+        node[last] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def test_unknown_paper_and_stage_are_named_with_a_suggestion():
+    with pytest.raises(UnknownPaperError, match="lowprec_ensembel.*Did you mean 'lowprec_ensemble'"):
+        get_stage("lowprec_ensembel", "train")
+    with pytest.raises(UnknownStageError, match="'trian'.*Did you mean 'train'"):
+        get_stage("lowprec_ensemble", "trian")
+
+
+@pytest.mark.parametrize("args", [["run", "nope", "train"], ["run", "lowprec_ensemble", "nope"]])
+def test_cli_unknown_names_exit_2(args):
+    proc = tasks_cli(ROOT, *args)
+    assert proc.returncode == 2
+    assert "error: Unknown" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("stage,key,value,needle", [
+    ("train", "lr", -0.1, "'lowprec_ensemble.train.lr' = -0.1"),
+    ("train", "epochs", "many", "'lowprec_ensemble.train.epochs' = 'many'"),
+    ("train", "epocs", 3, "'lowprec_ensemble.train.epocs' is not a parameter"),
+    ("train", "epochs", KeyError, "'lowprec_ensemble.train.epochs' is missing"),
+    ("ensemble", "bits", [0], "bits must be between 2 and 32"),
+    ("ensemble", "bits", [33], "bits must be between 2 and 32"),
+    ("ensemble", "sizes", [0], "ensemble sizes must be >= 1"),
+    ("train", "seeds", [], "'lowprec_ensemble.train.seeds'"),
+])
+def test_invalid_params_name_the_key(stage, key, value, needle):
+    section = yaml.safe_load((ROOT / "params.yaml").read_text())["lowprec_ensemble"][stage]
+    if value is KeyError:
+        section.pop(key)
+    else:
+        section[key] = value
+    st = get_stage("lowprec_ensemble", stage)
+    with pytest.raises(ParamsError) as err:
+        validate_section("lowprec_ensemble", stage, st.params, section)
+    assert needle in str(err.value)
+    assert "Fix params.yaml" in str(err.value)
+
+
+def test_invalid_param_via_cli_exits_2_and_writes_nothing(repo, tmp_path):
+    bad = make_clone(tmp_path / "bad")
+    set_param(bad, "lowprec_ensemble.prepare.val_fraction", 3)
+    proc = tasks_cli(bad, "run", "lowprec_ensemble", "prepare")
+    assert proc.returncode == 2, proc.stderr
+    assert "lowprec_ensemble.prepare.val_fraction" in proc.stderr
+    assert not (bad / "artifacts").exists()
+
+
+def test_invalid_global_params(tmp_path):
+    bad = make_clone(tmp_path / "bad")
+    set_param(bad, "seed", -1)
+    proc = tasks_cli(bad, "run", "lowprec_ensemble", "prepare")
+    assert proc.returncode == 2 and "'seed' = -1" in proc.stderr
+
+
+def test_missing_upstream_artifact_names_the_stage_to_run(repo):
+    proc = tasks_cli(repo, "run", "lowprec_ensemble", "evaluate")
+    assert proc.returncode == 2
+    assert "artifacts/lowprec_ensemble/ensemble" in proc.stderr
+    assert "dvc repro lowprec_ensemble-ensemble" in proc.stderr
+    assert not (repo / "results" / "lowprec_ensemble").exists()
+
+
+def test_atomic_file_keeps_the_old_content_on_failure(tmp_path):
+    path = tmp_path / "m.json"
+    io.write_json(path, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with io.atomic_file(path, "w") as fh:
+            fh.write('{"half": ')
+            raise RuntimeError("killed")
+    assert io.read_json(path) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_commit_dir_swaps_whole_folders(tmp_path):
+    final = tmp_path / "stage"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    tmp = io.new_tmp_dir(final)
+    (tmp / "new.txt").write_text("new")
+    io.commit_dir(tmp, final)
+    assert [p.name for p in final.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
+
+
+def test_killed_stage_leaves_no_partial_output_and_rerun_completes(tmp_path):
+    repo = make_clone(tmp_path / "kill")
+    set_param(repo, "lowprec_ensemble.train.epochs", 400)  # long enough to be killed mid-run
+    env = {**os.environ, "PAPERFLOWS_NO_PROGRESS": "1"}
+    subprocess.run([sys.executable, "-m", "tasks", "run", "lowprec_ensemble", "prepare", "--no-mlflow"],
+                   cwd=repo, env=env, check=True, capture_output=True)
+    proc = subprocess.Popen([sys.executable, "-m", "tasks", "run", "lowprec_ensemble", "train",
+                             "--no-mlflow"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    parent = repo / "artifacts" / "lowprec_ensemble"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith(".train.tmp-") for p in parent.iterdir()):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (parent / "train").exists()  # nothing DVC could record as the stage's output
+    set_param(repo, "lowprec_ensemble.train.epochs", 2)
+    done = subprocess.run([sys.executable, "-m", "tasks", "run", "lowprec_ensemble", "train",
+                           "--no-mlflow"], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (parent / "train" / "meta.json").is_file()
+    assert not [p for p in parent.iterdir() if ".tmp-" in p.name]  # leftovers cleaned
