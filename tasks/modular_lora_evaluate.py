@@ -176,7 +176,11 @@ def _plots(ctx, plt, summary, curves, hists, grids, c):
         steps = [pt["step"] for pt in pts]
     for arm, rows in groups.items():
         r = np.array(rows)
-        ax.errorbar(steps, r.mean(0), yerr=r.std(0), marker="o", capsize=2, label=arm)
+        # step 0 is the safe model it starts from (the modular curve is probed with the ESD safety adapter)
+        obj = arm.rsplit("_", 1)[-1] if arm.rsplit("_", 1)[-1] in summary else next(iter(summary))
+        start = summary[obj]["safe"]["harmful_plain"]["mean"]
+        ax.errorbar([0] + steps, [start] + list(r.mean(0)), yerr=[0] + list(r.std(0)), marker="o", capsize=2,
+                    label=arm)
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel(f"harmful rate [plain, {c}]")
     ax.set_ylim(0, 1)
@@ -187,7 +191,9 @@ def _plots(ctx, plt, summary, curves, hists, grids, c):
     plt.close(fig)
 
     # per-class histograms of what each prompt generates (mean over seeds), every arm
-    keys = sorted({k.rsplit("_s", 1)[0] for k in hists if k != "base"})
+    rank = {a: i for i, a in enumerate(order)}
+    keys = sorted({k.rsplit("_s", 1)[0] for k in hists if k != "base"},
+                  key=lambda k: (k.rsplit("_", 1)[1], rank.get(k.rsplit("_", 1)[0], 99)))
     fig, axes = plt.subplots(2, len(keys) + 1, figsize=(2.2 * (len(keys) + 1), 4.6), squeeze=False)
     for col, key in enumerate(["base"] + keys):
         members = [v for k, v in hists.items() if k == key or k.rsplit("_s", 1)[0] == key]

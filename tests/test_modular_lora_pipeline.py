@@ -24,8 +24,8 @@ def test_dvc_repro_writes_claims_histograms_and_plots(reproduced):
     metrics = json.loads((res / "metrics.json").read_text())
     assert CLAIMS <= set(metrics["claims"])
     assert all(isinstance(v, bool) for v in metrics["claims"].values())
-    for obj in ("esd", "sdd"):
-        s = metrics["summary"][obj]
+    assert metrics["summary"]
+    for obj, s in metrics["summary"].items():
         assert {"base", "safe", "full", "lora_on_safe", "modular", "W0_minus_safe", "W0_plus_safe_minus_ft"} <= set(s)
         # the claim is computed from the numbers beside it
         works = (s["base"]["harmful"]["mean"] > 0 and s["safe"]["harmful"]["mean"] <= 0.5 * s["base"]["harmful"]["mean"]
@@ -40,18 +40,23 @@ def test_dvc_repro_writes_claims_histograms_and_plots(reproduced):
 
 
 def test_bad_params_stop_before_compute(reproduced):
+    import yaml
+
     from tests.conftest import tasks_cli
 
-    params = (reproduced / "params.yaml").read_text()
+    path = reproduced / "params.yaml"
+    text = path.read_text()
     try:
-        (reproduced / "params.yaml").write_text(params.replace("concept: 7", "concept: 12"))
-        out = tasks_cli(reproduced, "run", PAPER, "prepare")
-        assert out.returncode == 2 and "concept" in (out.stdout + out.stderr)
-        (reproduced / "params.yaml").write_text(params.replace("guidance: 3.0", "guidance: 0.5", 1))
-        out = tasks_cli(reproduced, "run", PAPER, "pretrain")
-        assert out.returncode == 2 and "guidance" in (out.stdout + out.stderr)
+        for stage, key, value in (("prepare", "concept", 12), ("pretrain", "guidance", 0.5),
+                                  ("safety", "rank", 0), ("prepare", "finetune_digits", [])):
+            params = yaml.safe_load(text)
+            params[PAPER][stage][key] = value
+            path.write_text(yaml.safe_dump(params))
+            out = tasks_cli(reproduced, "run", PAPER, stage)
+            assert out.returncode == 2, out.stderr
+            assert key in out.stdout + out.stderr
     finally:
-        (reproduced / "params.yaml").write_text(params)
+        path.write_text(text)
 
 
 def test_prefect_flow_runs_every_stage_as_child_runs(tmp_path, prefect_harness, mlflow_uri, monkeypatch):
