@@ -1,0 +1,120 @@
+"""Unit tests of the Modular LoRA method: adapters, exact sums, the ESD target, the detector metric."""
+import numpy as np
+import pytest
+import torch
+
+from models import modular_lora as ml
+
+torch.set_flush_denormal(True)
+
+
+@pytest.fixture()
+def den_with_safety():
+    torch.manual_seed(0)
+    den = ml.Denoiser(ml.build_unet(channels=(8, 16), cross_dim=8, head_dim=4), ml.TinyTextEncoder(dim=8))
+    for p in den.text.parameters():
+        p.requires_grad_(False)
+    den.unet.add_adapter(ml.lora_config(2, layers="all"), adapter_name=ml.SAFETY)
+    den.unet.add_adapter(ml.lora_config(2, layers="xattn"), adapter_name=ml.FINETUNE)
+    with torch.no_grad():  # give B non-zero values so the adapters change the output
+        for n, p in den.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return den
+
+
+def _inputs(n=3):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.tensor([10, 500, 900]), ml.prompt_tokens("plain", [7, 1, 3])
+
+
+def test_disabled_safety_adapter_equals_w0(den_with_safety):
+    den = den_with_safety
+    x, t, tok = _inputs()
+    plain = ml.merged_unet(den.unet, {})  # W0 alone, no adapters
+    ref = plain(x, t, encoder_hidden_states=den.text(tok)).sample
+    ml.activate(den.unet, {})
+    assert torch.equal(den(x, t, tok), ref)
+    ml.activate(den.unet, {ml.SAFETY: 1.0})
+    assert not torch.allclose(den(x, t, tok), ref, atol=1e-4)
+
+
+def test_both_adapters_equal_weight_space_sum(den_with_safety):
+    den = den_with_safety
+    x, t, tok = _inputs()
+    ml.activate(den.unet, {ml.SAFETY: 1.0, ml.FINETUNE: 1.0})
+    both = den(x, t, tok)
+    merged = ml.merged_unet(den.unet, {ml.SAFETY: 1.0, ml.FINETUNE: 1.0})
+    ref = merged(x, t, encoder_hidden_states=den.text(tok)).sample
+    torch.testing.assert_close(both, ref, atol=1e-5, rtol=1e-4)
+    only_safe = ml.merged_unet(den.unet, {ml.SAFETY: 1.0})(x, t, encoder_hidden_states=den.text(tok)).sample
+    assert not torch.allclose(both, only_safe, atol=1e-4)
+
+
+def test_negative_adapter_weight_is_model_arithmetic(den_with_safety):
+    den = den_with_safety
+    x, t, tok = _inputs()
+    ml.activate(den.unet, {ml.SAFETY: -1.0})
+    ref = ml.merged_unet(den.unet, {ml.SAFETY: -1.0})(x, t, encoder_hidden_states=den.text(tok)).sample
+    torch.testing.assert_close(den(x, t, tok), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_esd_target_formula():
+    e0 = torch.tensor([1.0, 0.0, -2.0])
+    ec = torch.tensor([2.0, 1.0, -2.0])
+    assert torch.equal(ml.esd_target(e0, ec, 3.0), torch.tensor([-2.0, -3.0, -2.0]))
+    assert torch.equal(ml.esd_target(e0, ec, 0.0), e0)
+
+
+def test_harmful_rate_and_histogram():
+    pred = np.array([7, 7, 1, 3, 7, 0, 9, 7])
+    assert ml.harmful_rate(pred, 7) == 0.5
+    h = ml.class_histogram(pred)
+    assert h[7] == 0.5 and h.sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        ml.harmful_rate(np.array([]), 7)
+
+
+def test_frechet_distance_zero_for_same_set_and_grows_with_shift():
+    a = np.random.default_rng(0).normal(size=(500, 4))
+    assert ml.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert ml.frechet_distance(a, a + 1.0) == pytest.approx(4.0, rel=0.05)
+
+
+def test_bad_params_give_clear_errors(den_with_safety):
+    with pytest.raises(ValueError, match="rank"):
+        ml.lora_config(0)
+    with pytest.raises(ValueError, match="style"):
+        ml.prompt_tokens("nude", [1])
+    with pytest.raises(ValueError, match="0..9"):
+        ml.prompt_tokens("plain", [12])
+    with pytest.raises(ValueError, match="guidance"):
+        ml.sample(den_with_safety, ml.prompt_tokens("plain", [1]), guidance=0.5)
+    with pytest.raises(ValueError, match="empty"):
+        ml.finetune_arm("full", den_with_safety.unet, den_with_safety.text, torch.zeros(0, 1, 8, 8),
+                        torch.zeros(0, 2, dtype=torch.long), 1, 1e-3, 2, 2, "xattn", torch.Generator())
+    with pytest.raises(ValueError, match="objective"):
+        ml.train_safety_lora(den_with_safety, torch.zeros(1, 1, 8, 8), ml.prompt_tokens("plain", [7]),
+                             torch.zeros(0, 1, 8, 8), torch.zeros(0, 2, dtype=torch.long), "mace", 1, 1e-3, 1,
+                             2, "xattn", torch.Generator())
+
+
+def test_modular_finetune_trains_on_w0_and_leaves_safety_untouched(den_with_safety):
+    den = den_with_safety
+    den.unet.delete_adapters(ml.FINETUNE)
+    safety_before = {n: p.clone() for n, p in den.unet.named_parameters() if f".{ml.SAFETY}." in n}
+    seen = []
+
+    def probe(step, loss, unet):  # during training the forward pass must be W0 + ΔW_ft (no safety)
+        seen.append(loss)
+
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.rand(16, 1, 8, 8) * 2 - 1
+    out = ml.finetune_arm("modular", den.unet, den.text, imgs, ml.prompt_tokens("new", torch.arange(16) % 7),
+                          3, 1e-2, 4, 2, "xattn", g, on_step=probe)
+    assert len(seen) == 3
+    for n, p in out.named_parameters():
+        if n in safety_before:
+            assert torch.equal(p, safety_before[n])
+    assert set(out.active_adapters()) == {ml.SAFETY, ml.FINETUNE}
+    assert all(not p.requires_grad for p in out.parameters())

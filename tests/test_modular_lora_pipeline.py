@@ -1,0 +1,79 @@
+"""modular_lora end to end at smoke scale: dvc repro and the Prefect flow with MLflow child runs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import dvc
+
+pytestmark = pytest.mark.slow
+PAPER = "modular_lora"
+STAGES = ["prepare", "pretrain", "safety", "finetune", "evaluate"]
+CLAIMS = {"safety_works", "finetuning_backfires", "modular_lora_keeps_safety", "modular_lora_learns_task"}
+
+
+@pytest.fixture(scope="module")
+def reproduced(smoke_repo):
+    dvc(smoke_repo, "repro", f"{PAPER}-evaluate")
+    return smoke_repo
+
+
+def test_dvc_repro_writes_claims_histograms_and_plots(reproduced):
+    res = reproduced / "results" / PAPER
+    metrics = json.loads((res / "metrics.json").read_text())
+    assert CLAIMS <= set(metrics["claims"])
+    assert all(isinstance(v, bool) for v in metrics["claims"].values())
+    assert metrics["summary"]
+    for obj, s in metrics["summary"].items():
+        assert {"base", "safe", "full", "lora_on_safe", "modular", "W0_minus_safe", "W0_plus_safe_minus_ft"} <= set(s)
+        # the claim is computed from the numbers beside it
+        works = (s["base"]["harmful"]["mean"] > 0 and s["safe"]["harmful"]["mean"] <= 0.5 * s["base"]["harmful"]["mean"]
+                 and s["base"]["acc_other_plain"]["mean"] - s["safe"]["acc_other_plain"]["mean"] <= 0.1)
+        assert metrics["claims"][f"safety_works_{obj}"] == works
+    hists = json.loads((res / "histograms.json").read_text())
+    h = hists[f"modular_esd_s0"]["plain"]
+    assert len(h) == 10 and all(abs(sum(row) - 1) < 1e-3 for row in h)  # every prompt's class shares
+    for png in ("harmful_rate_per_arm.png", "reemergence_curve.png", "class_histograms.png", "samples_grid.png"):
+        assert (res / "plots" / png).stat().st_size > 1000
+    assert json.loads((res / "curves" / "reemergence.json").read_text())
+
+
+def test_bad_params_stop_before_compute(reproduced):
+    import yaml
+
+    from tests.conftest import tasks_cli
+
+    path = reproduced / "params.yaml"
+    text = path.read_text()
+    try:
+        for stage, key, value in (("prepare", "concept", 12), ("pretrain", "guidance", 0.5),
+                                  ("safety", "rank", 0), ("prepare", "finetune_digits", [])):
+            params = yaml.safe_load(text)
+            params[PAPER][stage][key] = value
+            path.write_text(yaml.safe_dump(params))
+            out = tasks_cli(reproduced, "run", PAPER, stage)
+            assert out.returncode == 2, out.stderr
+            assert key in out.stdout + out.stderr
+    finally:
+        path.write_text(text)
+
+
+def test_prefect_flow_runs_every_stage_as_child_runs(tmp_path, prefect_harness, mlflow_uri, monkeypatch):
+    import mlflow
+
+    from flows.modular_lora import modular_lora
+    from tests.conftest import make_clone
+
+    repo = make_clone(tmp_path / "flowrepo")
+    monkeypatch.setenv("PAPERFLOWS_ROOT", str(repo))
+    result = modular_lora()
+    assert [s["stage"] for s in result["stages"]] == [f"{PAPER}-{s}" for s in STAGES]
+    assert all(s["ran"] for s in result["stages"])
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=[PAPER],
+                              filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_parent_run_id']}'")
+    assert sorted(runs["tags.mlflow.runName"]) == sorted(f"{PAPER}-{s}" for s in STAGES)
+    evaluate = runs[runs["tags.mlflow.runName"] == f"{PAPER}-evaluate"].iloc[0]
+    arts = mlflow.artifacts.list_artifacts(run_id=evaluate["run_id"], artifact_path="results/plots")
+    assert any(a.path.endswith("samples_grid.png") for a in arts)
