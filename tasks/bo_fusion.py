@@ -347,6 +347,7 @@ def hpo(ctx: StageContext, p: HpoParams) -> None:
 class FinetuneParams(Params):
     variants: list[Literal["full", "lora"]] = Field(min_length=1)
     seeds: list[int] = Field(min_length=1, description="vary data order and head init (stage 1 ran once)")
+    lora_seeds: list[int] | None = Field(None, description="seeds of the 'lora' variant (null: seeds)")
     steps: int = Field(gt=0, description="constant-lr training steps (after warm-up)")
     warmup_steps: int = Field(ge=0)
     weight_decay: float = Field(ge=0)
@@ -385,7 +386,7 @@ def finetune(ctx: StageContext, p: FinetuneParams) -> None:
             raise MissingInputError(f"hpo did not search variant '{variant}'; add it to "
                                     f"'{PAPER}.hpo.variants'.")
         chosen = chosen_all[variant]["chosen"]
-        for seed in p.seeds:
+        for seed in (p.lora_seeds or p.seeds) if variant == "lora" else p.seeds:
             hf, module, cached = build_trainable(spec, n_labels, variant, spec["frozen_layers"], p.lora_rank,
                                                  p.lora_alpha, seed)
             data = data_for(hf, tensors, cached, ("train", "val"))
