@@ -150,14 +150,15 @@ class TopLayersClassifier(nn.Module):
     """The top of a BERT-style `*ForSequenceClassification` model: encoder layers from `n_frozen` on, the
     pooler and the head, run on hidden states cached after the frozen lower layers (a CPU-scale speed-up:
     the frozen part is computed once per example instead of at every step and every fused evaluation).
+    With n_frozen equal to the number of layers only the pooler and the head run.
     Shares its modules with `hf_model`, so LoRA adapters injected there are part of it."""
 
     def __init__(self, hf_model: nn.Module, n_frozen: int):
         super().__init__()
         base = getattr(hf_model, hf_model.base_model_prefix)
         layers = base.encoder.layer
-        if not 0 < n_frozen < len(layers):
-            raise ValueError(f"n_frozen must be in 1..{len(layers) - 1}, got {n_frozen}")
+        if not 0 < n_frozen <= len(layers):
+            raise ValueError(f"n_frozen must be in 1..{len(layers)}, got {n_frozen}")
         self.n_frozen = n_frozen
         self.layers = nn.ModuleList(layers[n_frozen:])
         self.pooler = base.pooler

@@ -103,8 +103,8 @@ def build_trainable(spec: dict, num_labels: int, variant: str, frozen_layers: in
     torch.manual_seed(seed)
     hf = load_classifier(spec, num_labels)
     n_layers = len(_encoder_layers(hf))
-    if frozen_layers >= n_layers:
-        raise ValueError(f"frozen_layers={frozen_layers} leaves none of the {n_layers} layers to train")
+    if frozen_layers > n_layers or (variant == "lora" and frozen_layers == n_layers):
+        raise ValueError(f"frozen_layers={frozen_layers} leaves no layer of the {n_layers} for {variant}")
     for p in hf.parameters():
         p.requires_grad_(False)
     if variant == "lora":

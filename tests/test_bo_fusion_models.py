@@ -194,4 +194,8 @@ def test_top_layers_on_cached_features_give_the_full_models_logits():
     with torch.no_grad():
         assert torch.allclose(top(feats, mask), full(ids, attention_mask=mask).logits, atol=1e-5)
     with pytest.raises(ValueError, match="n_frozen"):
-        bf.TopLayersClassifier(full, n_frozen=3)
+        bf.TopLayersClassifier(full, n_frozen=4)
+    head_only = bf.TopLayersClassifier(full, n_frozen=3).eval()
+    with torch.no_grad():
+        assert torch.allclose(head_only(bf.frozen_features(full, ids, mask, 3), mask),
+                              full(ids, attention_mask=mask).logits, atol=1e-5)
