@@ -139,15 +139,25 @@ def load_split_tensors(folder: Path):
     return load_file(str(folder / "tokens.safetensors"))
 
 
-def data_for(hf, tensors: dict, cached: int, splits=("train", "val", "test")):
-    import torch
+_FEATURES: dict[tuple, object] = {}  # frozen-layer outputs, shared by every model built in one stage
 
+
+def data_for(hf, tensors: dict, cached: int, splits=("train", "val", "test")):
+    """The splits as `TextBatches`; with `cached` > 0 the inputs are the hidden states after the frozen
+    layers. They are the same for every seed and variant (the frozen layers keep their pretrained weights
+    and LoRA adapts only trained layers), so one stage computes them once."""
     from models.bo_fusion import TextBatches, frozen_features
 
     out = {}
     for s in splits:
         ids, mask, y = tensors[f"{s}_ids"], tensors[f"{s}_mask"], tensors[f"{s}_labels"]
-        x = frozen_features(hf, ids, mask, cached) if cached else ids
+        if cached:
+            key = (hf.config.name_or_path, len(_encoder_layers(hf)), cached, s, tuple(ids.shape), int(ids.sum()))
+            if key not in _FEATURES:
+                _FEATURES[key] = frozen_features(hf, ids, mask, cached)
+            x = _FEATURES[key]
+        else:
+            x = ids
         out[s] = TextBatches(x, mask, y.long())
     return out
 
