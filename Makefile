@@ -33,5 +33,8 @@ run: setup
 	@echo "  $(VENV)/bin/mlflow ui         # MLflow: one experiment per paper, at http://127.0.0.1:5000"
 	@echo "  docs/<paper>.md               # what each paper claims, what reproduced, deviations"
 
+serve: setup
+	source $(VENV)/bin/activate && python -m flows.serve
+
 test: setup
 	source $(VENV)/bin/activate && python -m pytest -q -p no:cacheprovider

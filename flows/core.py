@@ -7,6 +7,7 @@ parent run (its id travels in an environment variable).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -111,6 +112,96 @@ def dvc_stage(dvc_name: str, root: str, parent_run_id: str | None = None) -> dic
             "stage_seconds": float(done.group(2)) if done else 0.0, "wall_seconds": wall}
 
 
+
+# ------------------------------------------------------------------ several workspaces, one remote
+def read_lock(root: Path) -> dict[str, Any]:
+    import yaml
+
+    path = root / "dvc.lock"
+    return (yaml.safe_load(path.read_text()) or {}).get("stages", {}) if path.is_file() else {}
+
+
+def merge_lock(root: Path, entries: dict[str, Any]) -> None:
+    """Write stages' dvc.lock entries produced in another workspace into this one's dvc.lock."""
+    if not entries:
+        return
+    import yaml
+
+    from tasks.core import io
+
+    path = root / "dvc.lock"
+    data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    data = data or {"schema": "2.0", "stages": {}}
+    data.setdefault("stages", {}).update(entries)
+    io.write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def has_remote(root: Path) -> bool:
+    out = subprocess.run([sys.executable, "-m", "dvc", "remote", "list"], cwd=root, capture_output=True,
+                         text=True)
+    return bool(out.stdout.strip())
+
+
+def publish_results(root: Path, paper: str) -> bool:
+    """results/<paper> from the evaluate artifact's cached copy (after a pull from the remote)."""
+    import shutil
+
+    from tasks.core import io
+
+    src = root / "artifacts" / paper / "evaluate" / "results"
+    if not src.is_dir():
+        return False
+    final = root / "results" / paper
+    tmp = io.new_tmp_dir(final)
+    shutil.rmtree(tmp)
+    shutil.copytree(src, tmp)
+    io.commit_dir(tmp, final)
+    return True
+
+
+def save_experiment(root: Path, name: str, log) -> str | None:
+    """Record the workspace (params, dvc.lock, results) as a DVC experiment, like `dvc exp run`."""
+    if not (root / ".git").exists():
+        return None
+    safe = re.sub(r"[^A-Za-z0-9_-]", "-", name)
+    try:
+        run_dvc(["exp", "save", "--force", "-n", safe], root, dict(os.environ), log)
+    except RuntimeError as exc:
+        log(f"could not save the DVC experiment: {exc}")
+        return None
+    return safe
+
+
+def stage_in_pool(st: Stage, root: Path, assignments: dict, lock_entries: dict,
+                  parent_run_id: str | None, timeout: float | None) -> dict[str, Any]:
+    """Run one stage as a run of the `dvc-stage/<pool>` deployment and wait for it."""
+    from prefect.deployments import run_deployment
+
+    pool = GPU_TAG if st.gpu else "cpu"
+    run = run_deployment(name=f"dvc-stage/{pool}", timeout=timeout, parameters={
+        "paper": st.paper, "stage": st.name, "assignments": assignments,
+        "lock_entries": lock_entries, "parent_run_id": parent_run_id})
+    if not run.state or not run.state.is_completed():
+        raise RuntimeError(f"{st.dvc_name} on pool '{pool}' ended {run.state.name if run.state else 'unknown'}"
+                           f" (flow run {run.name}); rerun the deployment to resume from this stage.")
+    return read_report(run.id, "dvc-stage-report")
+
+
+def read_report(flow_run_id, key: str) -> dict[str, Any]:
+    """The JSON report a flow run left as a markdown artifact (readable from any host)."""
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    found = [a for a in arts if a.key == key]
+    if not found:
+        raise RuntimeError(f"flow run {flow_run_id} left no '{key}' report")
+    return json.loads(found[0].data)
+
+
 class ParentRun:
     """The flow's MLflow parent run in the paper's experiment (None when tracking is off)."""
 
@@ -163,8 +254,15 @@ def apply_params(root: Path, scale: str, overrides: list[str] | None, papers: li
 
 
 def run_paper(paper: str, stages: list[str] | None = None, scale: str = "cpu",
-              overrides: list[str] | None = None, root: str | None = None) -> dict[str, Any]:
-    """Body of every paper flow: stages in order as Prefect tasks, under one MLflow parent run."""
+              overrides: list[str] | None = None, executor: str = "local", root: str | None = None,
+              stage_timeout: float | None = None) -> dict[str, Any]:
+    """Body of every paper flow: stages in order, under one MLflow parent run.
+
+    executor 'local': each stage is a task of this flow run (GPU stages under the `gpu` tag limit).
+    executor 'pools': each stage is a run of the `dvc-stage/cpu` or `dvc-stage/gpu` deployment, picked
+    up by a worker of that pool in its own workspace; artifacts travel through the DVC remote and the
+    stages' dvc.lock entries travel with the runs. With overrides, the result is saved as a DVC
+    experiment (`dvc exp show`)."""
     logger = get_run_logger()
     root_path = Path(root).resolve() if root else find_root()
     get_paper(paper)
@@ -181,11 +279,22 @@ def run_paper(paper: str, stages: list[str] | None = None, scale: str = "cpu",
     results = []
     status = "FAILED"
     try:
+        lock_entries: dict[str, Any] = {}
         for st in selected:
-            tags = [GPU_TAG] if st.gpu else []
-            result = dvc_stage.with_options(name=st.dvc_name, tags=tags)(
-                st.dvc_name, str(root_path), parent.run_id)
+            if executor == "pools":
+                result = stage_in_pool(st, root_path, assignments, lock_entries, parent.run_id,
+                                       stage_timeout)
+                lock_entries[st.dvc_name] = result.pop("lock")
+            else:
+                tags = [GPU_TAG] if st.gpu else []
+                result = dvc_stage.with_options(name=st.dvc_name, tags=tags)(
+                    st.dvc_name, str(root_path), parent.run_id)
             results.append(result)
+        if executor == "pools" and lock_entries:  # bring the outputs into this workspace
+            merge_lock(root_path, lock_entries)
+            if has_remote(root_path):
+                run_dvc(["pull", *lock_entries], root_path, dict(os.environ), logger.info)
+            publish_results(root_path, paper)
         status = "FINISHED"
     finally:
         flow_seconds = time.perf_counter() - start
@@ -197,17 +306,20 @@ def run_paper(paper: str, stages: list[str] | None = None, scale: str = "cpu",
         parent.log(summary, {"scale": scale, "stages": ",".join(s.name for s in selected),
                              **{f"override.{k}": v for k, v in assignments.items()}})
         parent.end(status)
-    summary.update({"paper": paper, "stages": results, "mlflow_parent_run_id": parent.run_id})
+    summary.update({"paper": paper, "stages": results, "mlflow_parent_run_id": parent.run_id,
+                    "executor": executor})
+    if assignments:
+        summary["dvc_experiment"] = save_experiment(root_path, run_name, logger.info)
     metrics_path = root_path / "results" / paper / "metrics.json"
     if metrics_path.is_file():
-        import json
-
         claims = json.loads(metrics_path.read_text()).get("claims", {})
         summary["claims"] = claims
         rows = "\n".join(f"| {k} | {'holds' if v else 'does not hold'} |" for k, v in claims.items())
         create_markdown_artifact(key=paper.replace("_", "-") + "-claims",
                                  markdown=f"# {paper}: claims\n\n| claim | result |\n|---|---|\n{rows}\n",
                                  description=f"claims of {paper} after this run")
+    create_markdown_artifact(key="flow-run-report", markdown=json.dumps(summary, default=str),
+                             description=f"{paper}: stages, timings, MLflow parent run, claims")
     logger.info("%s: %d stage(s) ran, %d skipped; flow %.1f s, stage functions %.1f s", paper,
                 summary["stages_run"], summary["stages_skipped"], flow_seconds, stage_seconds)
     return summary

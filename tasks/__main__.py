@@ -42,7 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("scale", choices=["smoke", "cpu", "paper"])
     sc.add_argument("--paper", action="append", dest="papers", help="only this paper (repeatable)")
     sc.add_argument("--print", action="store_true", help="print -S flags, change nothing")
+    sub.add_parser("claims", help="print every paper's claims from results/<paper>/metrics.json",
+                   description="A markdown table of the claims in results/*/metrics.json.")
     return parser
+
+
+def _claims() -> None:
+    import json
+
+    from .core.settings import find_root
+
+    print("| paper | claim | holds |\n|---|---|---|")
+    for path in sorted((find_root() / "results").glob("*/metrics.json")):
+        for claim, ok in json.loads(path.read_text()).get("claims", {}).items():
+            print(f"| {path.parent.name} | `{claim}` | {'yes' if ok else 'no'} |")
 
 
 def _list(paper: str | None) -> None:
@@ -67,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             from .core.context import run_stage
 
             run_stage(args.paper, args.stage, track=not args.no_mlflow)
+        elif args.command == "claims":
+            _claims()
         elif args.command == "list":
             _list(args.paper)
         elif args.command == "scale":

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("PAPERFLOWS_NO_PROGRESS", "1")
-os.environ.setdefault("PAPERFLOWS_THREADS", "2")
+os.environ.setdefault("PAPERFLOWS_THREADS", "1")  # tiny smoke models: threads only add overhead
 
 
 def project_files(root: Path = ROOT) -> list[str]:

@@ -143,3 +143,27 @@ def test_killed_stage_leaves_no_partial_output_and_rerun_completes(tmp_path):
     assert done.returncode == 0, done.stderr
     assert (parent / "train" / "meta.json").is_file()
     assert not [p for p in parent.iterdir() if ".tmp-" in p.name]  # leftovers cleaned
+
+
+def test_flows_cli_help_and_unknown_paper():
+    import subprocess as sp
+
+    helped = sp.run([sys.executable, "-m", "flows", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert helped.returncode == 0 and "lowprec_ensemble" in helped.stdout
+    bad = sp.run([sys.executable, "-m", "flows", "lowprec_ensembel"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "Did you mean 'lowprec_ensemble'" in bad.stderr
+
+
+def test_scale_switch_rewrites_params_and_keeps_comments(tmp_path):
+    repo = make_clone(tmp_path / "scale", scale="cpu")
+    before = (repo / "params.yaml").read_text()
+    proc = tasks_cli(repo, "scale", "smoke")
+    assert proc.returncode == 0, proc.stderr
+    after = (repo / "params.yaml").read_text()
+    assert "# base seed of every stage" in after
+    data = yaml.safe_load(after)
+    assert data["lowprec_ensemble"]["train"]["epochs"] == 2
+    assert data["lowprec_ensemble"]["train"]["model_dir"] is None
+    assert before != after
+    flags = tasks_cli(repo, "scale", "paper", "--print").stdout
+    assert "-S 'lowprec_ensemble.train.model=pretrained'" in flags

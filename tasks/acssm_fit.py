@@ -1,0 +1,123 @@
+"""Training and scoring loops shared by the acssm stages (no file I/O, no tracking)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from models.acssm import MODELS, LossWeights, point_prediction
+
+FIELDS = ("times", "values", "mask", "target", "target_mask", "valid")
+
+
+def to_tensors(data: dict, device="cpu") -> dict:
+    out = {}
+    for k in FIELDS:
+        a = np.asarray(data[k])
+        dtype = torch.bool if k == "valid" else (torch.long if a.dtype.kind == "i" else torch.float32)
+        out[k] = torch.as_tensor(a, dtype=dtype, device=device)
+    return out
+
+
+def build_model(name: str, task: str, obs_dim: int, out_dim: int, cfg: dict, causal: bool) -> torch.nn.Module:
+    """cfg: width, state_dim, num_basis, n_layers, n_heads, time_scale, skip, sde_dt, obs_var."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    common = dict(task=task, width=cfg["width"], obs_var=cfg["obs_var"])
+    if name == "gru_dt":
+        return MODELS[name](obs_dim, out_dim, **common)
+    common.update(state_dim=cfg["state_dim"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"],
+                  time_scale=cfg["time_scale"], causal=causal, skip=cfg["skip"])
+    if name == "acssm":
+        return MODELS[name](obs_dim, out_dim, num_basis=cfg["num_basis"], **common)
+    return MODELS[name](obs_dim, out_dim, dt=cfg["sde_dt"], **common)
+
+
+def train_model(model, data: dict, epochs: int, batch_size: int, lr: float, weight_decay: float,
+                weights: LossWeights, n_samples: int, seed: int, grad_clip: float = 1.0,
+                on_epoch=None) -> list[dict]:
+    """AdamW on the negative ELBO; returns per-epoch {loss, seconds, parts...}."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    n = data["times"].shape[0]
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        start = time.perf_counter()
+        perm = torch.randperm(n, generator=gen)
+        total, parts_sum, steps = 0.0, {}, 0
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            b = {k: v[idx] for k, v in data.items()}
+            out = model(b["times"], b["values"], b["mask"], b["valid"], n_samples=n_samples)
+            loss, parts = model.loss(out, b["target"], b["target_mask"], weights)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v
+        rec = {"epoch": epoch, "loss": total / steps, "seconds": time.perf_counter() - start,
+               **{k: v / steps for k, v in parts_sum.items()}}
+        history.append(rec)
+        if on_epoch is not None:
+            on_epoch(rec)
+    return history
+
+
+@torch.no_grad()
+def predict(model, data: dict, n_samples: int, batch_size: int = 200) -> dict:
+    """Point predictions and sample spread, plus latent moments when the model has them."""
+    model.eval()
+    preds, stds, lmeans, lvars = [], [], [], []
+    for i in range(0, data["times"].shape[0], batch_size):
+        b = {k: v[i:i + batch_size] for k, v in data.items()}
+        out = model(b["times"], b["values"], b["mask"], b["valid"], n_samples=n_samples)
+        preds.append(point_prediction(out["pred"], model.task))
+        stds.append(out["pred"].std(0) if out["pred"].shape[0] > 1 else torch.zeros_like(out["pred"][0]))
+        if "latent_mean" in out:
+            lmeans.append(out["latent_mean"])
+            lvars.append(out["latent_var_eig"])
+    res = {"pred": torch.cat(preds), "std": torch.cat(stds)}
+    if lmeans:
+        res["latent_mean"], res["latent_var"] = torch.cat(lmeans), torch.cat(lvars)
+    return res
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, target_mask: torch.Tensor) -> float:
+    err = (torch.nan_to_num(pred) - torch.nan_to_num(target)) ** 2 * target_mask
+    return float(err.sum() / target_mask.sum().clamp(min=1))
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor, target_mask: torch.Tensor) -> float:
+    hit = (probs.argmax(-1) == labels).float() * target_mask
+    return float(hit.sum() / target_mask.sum().clamp(min=1))
+
+
+def linear_interpolation_baseline(data: dict) -> torch.Tensor:
+    """Per channel, linear interpolation in time of the observed inputs (constant beyond the ends)."""
+    t, v, m = (data[k].numpy() for k in ("times", "values", "mask"))
+    out = np.zeros_like(np.nan_to_num(data["target"].numpy()))
+    for i in range(t.shape[0]):
+        for c in range(v.shape[-1]):
+            obs = m[i, :, c] > 0
+            if obs.any():
+                out[i, :, c] = np.interp(t[i], t[i][obs], v[i, obs, c])
+    return torch.as_tensor(out)
+
+
+def last_value_baseline(data: dict) -> torch.Tensor:
+    """Per channel, the last observed input value carried forward (the first one carried back)."""
+    t, v, m = (data[k].numpy() for k in ("times", "values", "mask"))
+    out = np.zeros_like(np.nan_to_num(data["target"].numpy()))
+    for i in range(t.shape[0]):
+        for c in range(v.shape[-1]):
+            obs = np.nonzero(m[i, :, c] > 0)[0]
+            if len(obs):
+                j = np.clip(np.searchsorted(obs, np.arange(t.shape[1]), side="right") - 1, 0, None)
+                out[i, :, c] = v[i, obs[j], c]
+    return torch.as_tensor(out)

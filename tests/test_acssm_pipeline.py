@@ -1,0 +1,183 @@
+"""acssm end to end at smoke scale (dvc repro, the Prefect flow), bad params, and the paper-scale loaders
+on tiny files in the published formats that the test writes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import ROOT, dvc
+
+PAPER = "acssm"
+STAGES = ["prepare", "finetune", "evaluate"]
+CLAIMS = {"acssm_beats_baselines_interpolation", "acssm_beats_baselines_extrapolation",
+          "acssm_beats_baselines_classification", "acssm_beats_baselines_regression",
+          "simulation_free_speedup"}
+
+
+def _smoke_params() -> dict:
+    from tasks.core.params import deep_merge
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return deep_merge(params, {PAPER: yaml.safe_load((ROOT / "scales" / "smoke.yaml").read_text())[PAPER]})
+
+
+@pytest.mark.slow
+def test_dvc_repro_writes_metrics_claims_and_plots(smoke_repo):
+    dvc(smoke_repo, "repro", f"{PAPER}-evaluate")
+    res = smoke_repo / "results" / PAPER
+    metrics = json.loads((res / "metrics.json").read_text())
+    assert set(metrics["claims"]) == CLAIMS
+    test = metrics["test"]
+    # claims are computed from the numbers stored beside them
+    for task, better in (("interpolation", min), ("extrapolation", min), ("regression", min),
+                         ("classification", max)):
+        means = {m: test[task][m]["mean"] for m in ("acssm", "gru_dt", "latent_sde")}
+        assert metrics["claims"][f"acssm_beats_baselines_{task}"] == (
+            better(means, key=means.get) == "acssm" and len(set(means.values())) == 3)
+    assert metrics["claims"]["simulation_free_speedup"] == (
+        metrics["speed"]["latent_sde_over_acssm_sec_per_epoch"] >= 5.0)
+    for png in ("trajectories_regression.png", "latent_interpolation.png"):
+        assert (res / "plots" / png).stat().st_size > 1000
+    assert json.loads((res / "curves" / "latent_variance_regression.json").read_text())
+    out = dvc(smoke_repo, "repro", f"{PAPER}-evaluate").stdout
+    assert "Running stage" not in out
+
+
+@pytest.mark.slow
+def test_prefect_flow_runs_the_three_stages_with_mlflow_children(tmp_path, prefect_harness, mlflow_uri,
+                                                                 monkeypatch):
+    import mlflow
+
+    from flows.acssm import acssm
+    from tests.conftest import make_clone
+
+    repo = make_clone(tmp_path / "flowrepo", papers=[PAPER])
+    monkeypatch.setenv("PAPERFLOWS_ROOT", str(repo))
+    result = acssm()
+    assert [s["stage"] for s in result["stages"]] == [f"{PAPER}-{s}" for s in STAGES]
+    assert all(s["ran"] for s in result["stages"])
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=[PAPER],
+                              filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_parent_run_id']}'")
+    assert sorted(runs["tags.mlflow.runName"]) == sorted(f"{PAPER}-{s}" for s in STAGES)
+    fin = runs[runs["tags.mlflow.runName"] == f"{PAPER}-finetune"].iloc[0]
+    assert fin["tags.gpu_stage"] == "true" and fin["params.lambda_control"] == "1e-06"
+
+
+@pytest.mark.parametrize("section, key, value, msg", [
+    ("finetune", "epochs", 0, "acssm.finetune.epochs"),
+    ("finetune", "models", ["acssm", "lstm"], "acssm.finetune.models"),
+    ("finetune", "epoch", 3, "is not a parameter"),
+    ("prepare", "missing", 1.5, "acssm.prepare.missing"),
+    ("evaluate", "speedup_factor", 0.5, "acssm.evaluate.speedup_factor"),
+])
+def test_bad_params_are_rejected_before_any_compute(tmp_path, section, key, value, msg):
+    from tasks.core import ParamsError, run_stage
+
+    params = _smoke_params()
+    params[PAPER][section][key] = value
+    with pytest.raises(ParamsError, match=msg):
+        run_stage(PAPER, section, root=tmp_path, params=params, track=False)
+    assert not (tmp_path / "artifacts" / PAPER / section).exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# paper scale: tiny files in the published formats
+# --------------------------------------------------------------------------------------------------
+def _write_paper_files(root):
+    rng = np.random.default_rng(0)
+    (root / "ushcn").mkdir(parents=True)
+    lines = ["ID,Time," + ",".join(f"Value_{c}" for c in range(5)) + "," + ",".join(f"Mask_{c}" for c in range(5))]
+    for sid in range(6):
+        for t in sorted(rng.choice(100, 12, replace=False)):
+            m = (rng.random(5) > 0.3).astype(int)
+            m[0] = 1
+            lines.append(f"{sid},{t * 0.1:.1f}," + ",".join(f"{v:.3f}" for v in rng.normal(size=5)) + ","
+                         + ",".join(str(x) for x in m))
+    (root / "ushcn" / "small_chunked_sporadic.csv").write_text("\n".join(lines) + "\n")
+    (root / "physionet" / "set-a").mkdir(parents=True)
+    for rec in range(3):
+        rows = ["Time,Parameter,Value", "00:00,RecordID,13254" + str(rec), "00:00,Age,54", "00:00,Gender,0"]
+        for k in range(8):
+            rows += [f"{k:02d}:{(7 * k) % 60:02d},HR,{70 + k}", f"{k:02d}:{(7 * k) % 60:02d},Temp,{36.5 + 0.1 * k}"]
+        rows.append("03:21,HR,80")                               # duplicate time: averaged
+        (root / "physionet" / "set-a" / f"13254{rec}.txt").write_text("\n".join(rows) + "\n")
+    (root / "activity").mkdir(parents=True)
+    rows = []
+    tags = ["010-000-024-033", "010-000-030-096", "020-000-033-111", "020-000-032-221"]
+    for seq in ("A01", "A02"):
+        for k in range(120):
+            ms = k * 100
+            stamp = f"27.05.2009 14:{3 + ms // 60000:02d}:{(ms // 1000) % 60:02d}:{ms % 1000:03d}"
+            act = "walking" if k < 60 else "sitting"
+            rows.append(f"{seq},{tags[k % 4]},6337902260{k:08d},{stamp},{rng.normal():.4f},{rng.normal():.4f},"
+                        f"{rng.normal():.4f},{act}")
+    (root / "activity" / "ConfLongDemo_JSI.txt").write_text("\n".join(rows) + "\n")
+    (root / "pendulum").mkdir(parents=True)
+    np.savez(root / "pendulum" / "pendulum.npz",
+             obs=rng.integers(0, 255, (10, 12, 6, 6, 1), dtype=np.uint8),
+             targets=rng.normal(size=(10, 12, 2)).astype(np.float32),
+             obs_valid=rng.random((10, 12)) > 0.2)
+
+
+def test_paper_loaders_read_the_published_formats(tmp_path):
+    from models.acssm import check_series
+    from tasks.data import acssm_paper as paper
+
+    _write_paper_files(tmp_path)
+    ushcn = paper.load_ushcn(tmp_path / "ushcn" / "small_chunked_sporadic.csv")
+    assert ushcn["values"].shape == (6, 12, 5) and ushcn["mask"][:, :, 0].all()
+    phys = paper.load_physionet(tmp_path / "physionet" / "set-a")
+    hr = paper.PHYSIONET_PARAMS.index("HR")
+    assert phys["values"].shape[2] == 37 and phys["mask"][:, :, hr].sum() == 3 * 8
+    k = int(np.argmin(np.abs(phys["times"][0] - (3 + 21 / 60))))
+    assert phys["values"][0, k, hr] == pytest.approx((73 + 80) / 2)      # repeated readings averaged
+    act = paper.load_activity(tmp_path / "activity" / "ConfLongDemo_JSI.txt", window=50)
+    assert act["values"].shape[1:] == (50, 12) and set(np.unique(act["target"])) <= {0, 3}
+    pend = paper.load_pendulum(tmp_path / "pendulum" / "pendulum.npz")
+    assert pend["values"].shape == (10, 12, 36) and np.nanmax(pend["values"]) <= 1.0
+    import torch
+    for d in (ushcn, phys, act, pend):
+        check_series(torch.as_tensor(d["times"]), torch.as_tensor(d["values"]), torch.as_tensor(d["mask"]),
+                     torch.as_tensor(d["valid"]))
+    built = paper.build_all(tmp_path, seed=0)
+    assert set(built) == {"classification", "regression", "interpolation", "extrapolation"}
+    ex = built["extrapolation"]["train"]
+    assert (ex["target_mask"].sum((1, 2)) > 0).all() and ((ex["mask"] * ex["target_mask"]).sum() == 0)
+
+
+def test_paper_loaders_reject_malformed_files(tmp_path):
+    from tasks.data import acssm_paper as paper
+
+    (tmp_path / "u.csv").write_text("ID,Time," + ",".join(f"Value_{c}" for c in range(5)) + ","
+                                    + ",".join(f"Mask_{c}" for c in range(5)) + "\n"
+                                    + "0,1.0,1,1,1,1,1,1,1,1,1,1\n0,1.0,1,1,1,1,1,1,1,1,1,1\n")
+    with pytest.raises(ValueError, match="duplicate or unsorted"):
+        paper.load_ushcn(tmp_path / "u.csv")
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "1.txt").write_text("Hour,Param,Val\n")
+    with pytest.raises(ValueError, match="expected header"):
+        paper.load_physionet(tmp_path / "p")
+    with pytest.raises(FileNotFoundError, match="no paper data set"):
+        paper.build_all(tmp_path / "nothing", 0)
+
+
+@pytest.mark.slow
+def test_paper_scale_prepare_and_finetune_on_tiny_files(tmp_path):
+    from tasks.core import run_stage
+
+    data = tmp_path / "data"
+    _write_paper_files(data)
+    params = _smoke_params()
+    params[PAPER]["prepare"].update(source="paper", data_dir=str(data))
+    params[PAPER]["finetune"].update(tasks=["classification", "extrapolation"], models=["acssm"])
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    for stage in ("prepare", "finetune"):
+        run_stage(PAPER, stage, root=tmp_path, params=params, track=False)
+    meta = json.loads((tmp_path / "artifacts" / PAPER / "prepare" / "meta.json").read_text())
+    assert meta["classification"]["obs_dim"] == 12 and meta["extrapolation"]["obs_dim"] == 5
+    assert (tmp_path / "artifacts" / PAPER / "finetune" / "extrapolation" / "acssm" / "seed0"
+            / "model.safetensors").exists()
