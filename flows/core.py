@@ -72,6 +72,8 @@ def select_stages(paper: str, stages: list[str] | None) -> list[Stage]:
 def run_dvc(args: list[str], root: Path, env: dict[str, str], log, lock_retries: int = 5,
             backoff: float = 2.0) -> str:
     """Run a dvc command, streaming its output to ``log``; retry DVC lock errors with backoff."""
+    # dvc.yaml commands call `python`: make it this interpreter (the project's venv)
+    env = {**env, "PATH": os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])}
     for attempt in range(lock_retries + 1):
         proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)

@@ -66,6 +66,10 @@ def prefect_harness():
         yield
 
 
+# dvc.yaml commands call `python`: make it this interpreter (the project's venv)
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+
+
 def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True,
                           env={**os.environ, "PAPERFLOWS_NO_PROGRESS": "1"})
