@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from tasks.core.registry import PAPER_MODULES
 
