@@ -12,7 +12,8 @@ from flows.core import run_paper
 @flow(name="bo_fusion", log_prints=True)
 def bo_fusion(stages: list[str] | None = None,
               scale: Literal["smoke", "cpu", "paper"] = "cpu",
-              overrides: list[str] | None = None) -> dict:
+              overrides: list[str] | None = None,
+              executor: Literal["local", "pools"] = "local") -> dict:
     """Fuse fine-tuning checkpoints of a pretrained language model with multi-objective BO (val metric
     and val loss), after a two-stage hyperparameter search on a lightweight proxy.
 
@@ -21,5 +22,7 @@ def bo_fusion(stages: list[str] | None = None,
         scale: 'smoke' (seconds), 'cpu' (default, minutes, offline MiniLM) or 'paper' (RoBERTa / a causal
             LM with LoRA from local folders).
         overrides: params.yaml overrides as key=value, e.g. ["bo_fusion.fuse.n_iterations=20"].
+        executor: 'local' runs every stage in this flow run (GPU stages under the `gpu` tag
+            limit); 'pools' sends each stage to the `cpu` or `gpu` work pool.
     """
-    return run_paper("bo_fusion", stages, scale, overrides)
+    return run_paper("bo_fusion", stages, scale, overrides, executor)
