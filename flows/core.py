@@ -161,13 +161,14 @@ def publish_results(root: Path, paper: str) -> bool:
     return True
 
 
-def save_experiment(root: Path, name: str, log) -> str | None:
-    """Record the workspace (params, dvc.lock, results) as a DVC experiment, like `dvc exp run`."""
+def save_experiment(root: Path, name: str, stages: list[str], log) -> str | None:
+    """Record the workspace (params, dvc.lock, results) as a DVC experiment, like `dvc exp run`;
+    only ``stages``' outputs are cached (other papers' outputs need not exist here)."""
     if not (root / ".git").exists():
         return None
     safe = re.sub(r"[^A-Za-z0-9_-]", "-", name)
     try:
-        run_dvc(["exp", "save", "--force", "-n", safe], root, dict(os.environ), log)
+        run_dvc(["exp", "save", "--force", "-n", safe, *stages], root, dict(os.environ), log)
     except RuntimeError as exc:
         log(f"could not save the DVC experiment: {exc}")
         return None
@@ -311,7 +312,8 @@ def run_paper(paper: str, stages: list[str] | None = None, scale: str = "cpu",
     summary.update({"paper": paper, "stages": results, "mlflow_parent_run_id": parent.run_id,
                     "executor": executor})
     if assignments:
-        summary["dvc_experiment"] = save_experiment(root_path, run_name, logger.info)
+        summary["dvc_experiment"] = save_experiment(root_path, run_name,
+                                                    [r["stage"] for r in results], logger.info)
     metrics_path = root_path / "results" / paper / "metrics.json"
     if metrics_path.is_file():
         claims = json.loads(metrics_path.read_text()).get("claims", {})

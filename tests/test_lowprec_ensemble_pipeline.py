@@ -46,6 +46,8 @@ def test_dvc_exp_run_with_a_param_override(reproduced):
     assert f"Running stage '{PAPER}-train'" not in out  # only the changed stage re-runs
     shown = dvc(reproduced, "exp", "show", "--no-pager", "--json").stdout
     assert "ece_bins" in shown
+    # back to the committed params, so later tests compare against the default smoke run
+    dvc(reproduced, "exp", "run", "-S", f"{PAPER}.evaluate.ece_bins=15", f"{PAPER}-evaluate")
 
 
 def test_prefect_flow_logs_parent_and_child_runs(tmp_path, prefect_harness, mlflow_uri, monkeypatch):
