@@ -81,3 +81,21 @@ def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
 def tasks_cli(repo: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tasks", *args], cwd=repo, capture_output=True, text=True,
                           env={**os.environ, "PAPERFLOWS_NO_PROGRESS": "1"})
+
+
+def run_flow_with_children(flow_fn, paper: str, stages: list[str], repo: Path, monkeypatch,
+                           mlflow_uri: str):
+    """Run a paper's flow on ``repo``; assert every stage ran, in order, as an MLflow child run of the
+    flow's parent run. Returns the flow's summary and the child runs (a DataFrame)."""
+    import mlflow
+
+    names = [f"{paper}-{s}" for s in stages]
+    monkeypatch.setenv("PAPERFLOWS_ROOT", str(repo))
+    result = flow_fn()
+    assert [s["stage"] for s in result["stages"]] == names
+    assert all(s["ran"] for s in result["stages"])
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=[paper],
+                              filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_parent_run_id']}'")
+    assert sorted(runs["tags.mlflow.runName"]) == sorted(names)
+    return result, runs

@@ -52,17 +52,10 @@ def test_prefect_flow_runs_the_three_stages_with_mlflow_children(tmp_path, prefe
     import mlflow
 
     from flows.acssm import acssm
-    from tests.conftest import make_clone
+    from tests.conftest import make_clone, run_flow_with_children
 
     repo = make_clone(tmp_path / "flowrepo", papers=[PAPER])
-    monkeypatch.setenv("PAPERFLOWS_ROOT", str(repo))
-    result = acssm()
-    assert [s["stage"] for s in result["stages"]] == [f"{PAPER}-{s}" for s in STAGES]
-    assert all(s["ran"] for s in result["stages"])
-    mlflow.set_tracking_uri(mlflow_uri)
-    runs = mlflow.search_runs(experiment_names=[PAPER],
-                              filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_parent_run_id']}'")
-    assert sorted(runs["tags.mlflow.runName"]) == sorted(f"{PAPER}-{s}" for s in STAGES)
+    result, runs = run_flow_with_children(acssm, PAPER, STAGES, repo, monkeypatch, mlflow_uri)
     fin = runs[runs["tags.mlflow.runName"] == f"{PAPER}-finetune"].iloc[0]
     assert fin["tags.gpu_stage"] == "true" and fin["params.lambda_control"] == "1e-06"
 

@@ -43,7 +43,7 @@ def test_dvc_repro_and_prefect_flow_at_smoke_scale(smoke_repo, tmp_path, prefect
     import mlflow
 
     from flows.bo_fusion import bo_fusion
-    from tests.conftest import make_clone
+    from tests.conftest import make_clone, run_flow_with_children
 
     dvc(smoke_repo, "repro", f"{PAPER}-evaluate")
     metrics = json.loads((smoke_repo / "results" / PAPER / "metrics.json").read_text())
@@ -58,14 +58,7 @@ def test_dvc_repro_and_prefect_flow_at_smoke_scale(smoke_repo, tmp_path, prefect
     assert "Running stage" not in out
 
     repo = make_clone(tmp_path / "flowrepo")
-    monkeypatch.setenv("PAPERFLOWS_ROOT", str(repo))
-    result = bo_fusion()
-    assert [s["stage"] for s in result["stages"]] == [f"{PAPER}-{s}" for s in STAGES]
-    assert all(s["ran"] for s in result["stages"])
-    mlflow.set_tracking_uri(mlflow_uri)
-    runs = mlflow.search_runs(experiment_names=[PAPER],
-                              filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_parent_run_id']}'")
-    assert sorted(runs["tags.mlflow.runName"]) == sorted(f"{PAPER}-{s}" for s in STAGES)
+    result, runs = run_flow_with_children(bo_fusion, PAPER, STAGES, repo, monkeypatch, mlflow_uri)
     fuse = runs[runs["tags.mlflow.runName"] == f"{PAPER}-fuse"].iloc[0]
     assert fuse["tags.gpu_stage"] == "true"
     assert "metrics.full_seed0_hypervolume" in runs.columns

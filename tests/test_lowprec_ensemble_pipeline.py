@@ -54,17 +54,11 @@ def test_prefect_flow_logs_parent_and_child_runs(tmp_path, prefect_harness, mlfl
     import mlflow
 
     from flows.lowprec_ensemble import lowprec_ensemble
-    from tests.conftest import make_clone
+    from tests.conftest import make_clone, run_flow_with_children
 
     repo = make_clone(tmp_path / "flowrepo")
-    monkeypatch.setenv("PAPERFLOWS_ROOT", str(repo))
-    result = lowprec_ensemble()
-    assert [s["stage"] for s in result["stages"]] == [f"{PAPER}-{s}" for s in STAGES]
-    assert all(s["ran"] for s in result["stages"])
+    result, runs = run_flow_with_children(lowprec_ensemble, PAPER, STAGES, repo, monkeypatch, mlflow_uri)
     parent_id = result["mlflow_parent_run_id"]
-    mlflow.set_tracking_uri(mlflow_uri)
-    runs = mlflow.search_runs(experiment_names=[PAPER], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-    assert sorted(runs["tags.mlflow.runName"]) == sorted(f"{PAPER}-{s}" for s in STAGES)
     train = runs[runs["tags.mlflow.runName"] == f"{PAPER}-train"].iloc[0]
     assert train["params.epochs"] == "2" and train["tags.gpu_stage"] == "true"
     assert train["metrics.stage_seconds"] > 0

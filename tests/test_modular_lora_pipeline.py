@@ -63,17 +63,10 @@ def test_prefect_flow_runs_every_stage_as_child_runs(tmp_path, prefect_harness, 
     import mlflow
 
     from flows.modular_lora import modular_lora
-    from tests.conftest import make_clone
+    from tests.conftest import make_clone, run_flow_with_children
 
     repo = make_clone(tmp_path / "flowrepo")
-    monkeypatch.setenv("PAPERFLOWS_ROOT", str(repo))
-    result = modular_lora()
-    assert [s["stage"] for s in result["stages"]] == [f"{PAPER}-{s}" for s in STAGES]
-    assert all(s["ran"] for s in result["stages"])
-    mlflow.set_tracking_uri(mlflow_uri)
-    runs = mlflow.search_runs(experiment_names=[PAPER],
-                              filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_parent_run_id']}'")
-    assert sorted(runs["tags.mlflow.runName"]) == sorted(f"{PAPER}-{s}" for s in STAGES)
+    result, runs = run_flow_with_children(modular_lora, PAPER, STAGES, repo, monkeypatch, mlflow_uri)
     evaluate = runs[runs["tags.mlflow.runName"] == f"{PAPER}-evaluate"].iloc[0]
     arts = mlflow.artifacts.list_artifacts(run_id=evaluate["run_id"], artifact_path="results/plots")
     assert any(a.path.endswith("samples_grid.png") for a in arts)
