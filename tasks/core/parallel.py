@@ -43,7 +43,7 @@ def map_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int = 1,
         return results
 
     import multiprocessing as mp
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     ctx = mp.get_context("spawn")  # fork after torch/OpenMP initialisation can deadlock
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
@@ -53,7 +53,7 @@ def map_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int = 1,
         bar = wrap(None, desc=desc, total=len(jobs))
         try:
             while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
                     i = futures[fut]
                     results[i] = fut.result()  # re-raises a worker's exception here
