@@ -85,20 +85,25 @@ def write_caption_folder(folder, n: int = 6, size: int = 20):
 
 
 def sd_params(tmp_path) -> dict:
-    return {"seed": 0, "device": "cpu", PAPER: {
-        "prepare": {"source": "sd_pipeline", "model_dir": str(tmp_path / "sd"),
-                    "finetune_folder": str(tmp_path / "captions"), "eval_prompts": str(tmp_path / "prompts.txt"),
-                    "concept_prompt": "a red cat", "detector": str(tmp_path / "detector"),
-                    "detector_label": "concept", "detector_threshold": 0.5, "resolution": 16, "test_fraction": 0.34},
-        "pretrain": {},
-        "safety": {"objectives": ["esd", "sdd"], "seeds": [0], "steps": 2, "lr": 1e-3, "batch": 1, "rank": 2,
-                   "layers": "xattn", "preserve_weight": 1.0, "ddim_steps": 3, "guidance": 3.0,
-                   "sdd_ema_decay": 0.9},
-        "finetune": {"arms": ["full", "lora_on_safe", "modular"], "steps": 2, "lr_lora": 1e-3, "lr_full": 1e-4,
-                     "batch": 2, "rank": 2, "layers": "attn", "curve_points": 1, "curve_samples": 2,
-                     "ddim_steps": 2, "guidance": 3.0},
-        "evaluate": {"samples_per_prompt": 2, "ddim_steps": 2, "guidance": 3.0, "task_samples_per_prompt": 2},
-    }}
+    """params.yaml with scales/paper.yaml's modular_lora section, pointed at the tiny inputs, tiny step counts."""
+    import yaml
+
+    from tasks.core.params import deep_merge
+    from tests.conftest import ROOT
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = deep_merge(params, {PAPER: yaml.safe_load((ROOT / "scales" / "paper.yaml").read_text())[PAPER]})
+    params["device"] = "cpu"
+    p = params[PAPER]
+    assert p["prepare"]["source"] == "sd_pipeline"
+    p["prepare"].update(model_dir=str(tmp_path / "sd"), finetune_folder=str(tmp_path / "captions"),
+                        eval_prompts=str(tmp_path / "prompts.txt"), concept_prompt="a red cat",
+                        detector=str(tmp_path / "detector"), detector_label="concept", detector_threshold=0.5,
+                        resolution=16, test_fraction=0.34)
+    p["safety"].update(seeds=[0], steps=2, rank=2, preserve_weight=1.0, ddim_steps=3, sdd_ema_decay=0.9)
+    p["finetune"].update(steps=2, batch=2, rank=2, curve_points=1, curve_samples=2, ddim_steps=2)
+    p["evaluate"].update(samples_per_prompt=2, ddim_steps=2, task_samples_per_prompt=2)
+    return params
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +189,56 @@ def test_missing_or_wrong_inputs_are_clear_errors(sd_inputs, tmp_path):
         with pytest.raises(err, match=key):
             run_stage(PAPER, "prepare", root=tmp_path, params=params, track=False)
     assert not (tmp_path / "artifacts" / PAPER / "prepare").exists()
+
+
+def test_caption_folder_layouts_prompt_files_and_plugin_detector(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from tasks.modular_lora_sd import load_detector, read_caption_folder, read_eval_prompts
+
+    # images/*.png with same-stem .txt captions (no metadata.jsonl)
+    (tmp_path / "kohya" / "images").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(tmp_path / "kohya" / "images" / f"{i}.png")
+        (tmp_path / "kohya" / "images" / f"{i}.txt").write_text(f"caption {i}\n")
+    pairs = read_caption_folder(str(tmp_path / "kohya"))
+    assert [c for _, c in pairs] == ["caption 0", "caption 1", "caption 2"]
+
+    (tmp_path / "p.json").write_text(json.dumps({"concept": ["a", "b"], "task": ["t"]}))
+    assert read_eval_prompts(str(tmp_path / "p.json")) == {"concept": ["a", "b"], "benign": [], "task": ["t"]}
+    (tmp_path / "p.txt").write_text("concept: a\nbogus line\n")
+    with pytest.raises(Exception, match="line 2"):
+        read_eval_prompts(str(tmp_path / "p.txt"))
+
+    # a 'module:factory' plug-in detector (e.g. a NudeNet wrapper) gets the label, threshold and device
+    (tmp_path / "my_detector.py").write_text(
+        "class D:\n    def __init__(self, label, threshold, device):\n        self.label = label\n"
+        "    def is_concept(self, images):\n        return images.mean(dim=(1, 2, 3)).numpy() > 0.5\n"
+        "def make(**kw):\n    return D(**kw)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    det = load_detector({"detector": "my_detector:make", "detector_label": "porn", "detector_threshold": 0.6},
+                        "cpu")
+    from models.modular_lora_sd import concept_rate
+
+    assert det.label == "porn"
+    assert concept_rate(det, torch.cat([torch.ones(3, 3, 4, 4), torch.zeros(1, 3, 4, 4)])) == 0.75
+
+
+def test_partial_ddim_sampling_stops_at_the_requested_step():
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from models.modular_lora_sd import ddim_cfg
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+                                attention_head_dim=4, norm_num_groups=4).eval()
+    sampler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    cond, uncond = torch.randn(2, 3, 8), torch.randn(1, 3, 8)
+    x0, t0 = ddim_cfg(unet, sampler, cond, uncond, 5, 3.0, torch.Generator().manual_seed(0), (4, 4, 4), stop_at=0)
+    assert torch.equal(x0, torch.randn((2, 4, 4, 4), generator=torch.Generator().manual_seed(0)))  # x_T
+    x2, t2 = ddim_cfg(unet, sampler, cond, uncond, 5, 3.0, torch.Generator().manual_seed(0), (4, 4, 4), stop_at=2)
+    assert t0 == sampler.timesteps[0] and t2 == sampler.timesteps[2] and t2 < t0
+    full, t = ddim_cfg(unet, sampler, cond, uncond, 5, 3.0, torch.Generator().manual_seed(0), (4, 4, 4))
+    assert t is None and not torch.equal(full, x2)
