@@ -53,7 +53,8 @@ class SDParts:
         return DDPMScheduler.from_config(self.scheduler_config)
 
     def sampler(self) -> DDIMScheduler:
-        return DDIMScheduler.from_config(self.scheduler_config)
+        # latents are not confined to [-1, 1]: never clip the predicted x0 (DDIM's default for pixel models)
+        return DDIMScheduler.from_config(self.scheduler_config, clip_sample=False)
 
     @torch.no_grad()
     def embed(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -63,6 +63,10 @@ def load_parts(model_dir: str, device, resolution: int):
         raise MissingInputError(f"{_key('model_dir')} = '{model_dir}': the UNet's cross_attention_dim "
                                 f"{pipe.unet.config.cross_attention_dim} does not match the text encoder's "
                                 f"hidden size {pipe.text_encoder.config.hidden_size}.")
+    if pipe.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+        raise MissingInputError(f"{_key('model_dir')} = '{model_dir}': the scheduler predicts "
+                                f"'{pipe.scheduler.config['prediction_type']}'; ESD/SDD and the fine-tuning loss "
+                                f"here are written for ε-prediction models (SD 1.x).")
     parts = SDParts(pipe.unet.to(device), pipe.vae.to(device), pipe.text_encoder.to(device), pipe.tokenizer,
                     dict(pipe.scheduler.config), device, resolution // factor)
     return parts.freeze()
