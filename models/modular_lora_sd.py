@@ -226,14 +226,15 @@ def arm_unet(arm: str, base: UNet2DConditionModel, rank: int, layers: str
     full: all weights of the merged W0 + ΔW_safe; lora_on_safe: a new ``ft`` LoRA on the merged safe
     model; modular: a new ``ft`` LoRA on W0 with the safety adapter disabled.
     """
+    device = next(base.parameters()).device
     if arm == "modular":
         unet = copy.deepcopy(base)
         unet.add_adapter(lora_config(rank, layers=layers), adapter_name=FINETUNE)
+        unet.to(device)
         activate(unet, {FINETUNE: 1.0})
         return unet, set_trainable(unet, adapter_parameters(unet, FINETUNE))
     if arm not in ("full", "lora_on_safe"):
         raise ValueError(f"unknown arm {arm!r}")
-    device = next(base.parameters()).device
     unet = merged_unet(base, {SAFETY: 1.0}).to(device)
     if arm == "full":
         return unet, set_trainable(unet, unet.parameters())

@@ -242,3 +242,27 @@ def test_partial_ddim_sampling_stops_at_the_requested_step():
     assert t0 == sampler.timesteps[0] and t2 == sampler.timesteps[2] and t2 < t0
     full, t = ddim_cfg(unet, sampler, cond, uncond, 5, 3.0, torch.Generator().manual_seed(0), (4, 4, 4))
     assert t is None and not torch.equal(full, x2)
+
+
+def test_modular_arm_trains_only_its_lora_and_keeps_the_safety_adapter(sd_inputs):
+    """On the loaded pipeline UNet: the modular arm trains a new LoRA, leaves ΔW_safe and W0 untouched and
+    is used with both adapters on; the lora_on_safe arm leaves the safe model it starts from untouched."""
+    from models import modular_lora as ml
+    from models.modular_lora_sd import finetune_arm_sd, train_safety_lora_sd
+    from tasks.modular_lora_sd import load_parts
+
+    parts = load_parts(str(sd_inputs / "sd"), torch.device("cpu"), 16)
+    train_safety_lora_sd(parts, "a red cat", "esd", 2, 1e-2, 2, "xattn", torch.Generator().manual_seed(0),
+                         ddim_steps=2)
+    before = {k: v.clone() for k, v in parts.unet.state_dict().items()}
+    latents = torch.randn(4, 4, 8, 8)
+    caps = ["a blue cartoon"] * 4
+    unet = finetune_arm_sd("modular", parts, latents, caps, 2, 1e-2, 2, 2, "attn", torch.Generator().manual_seed(1))
+    assert unet.active_adapters() == [ml.SAFETY, ml.FINETUNE]
+    state = unet.state_dict()
+    plain = {k.replace(".base_layer", ""): v for k, v in state.items()}  # ft wraps more layers than safety
+    for k, v in before.items():  # W0 and the safety LoRA are exactly as they were
+        assert torch.equal(plain[k.replace(".base_layer", "")], v), k
+    assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k and ".ft." in k)
+    finetune_arm_sd("lora_on_safe", parts, latents, caps, 2, 1e-2, 2, 2, "attn", torch.Generator().manual_seed(1))
+    assert all(torch.equal(parts.unet.state_dict()[k], v) for k, v in before.items())
