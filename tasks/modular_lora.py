@@ -50,7 +50,7 @@ class PrepareParams(Params):
     eval_prompts: str = Field("", description="sd_pipeline: prompts file (.json or 'concept:/benign:/task:' lines)")
     concept_prompt: str = Field("", description="sd_pipeline: the suppressed concept as a text prompt")
     detector: str = Field("", description="sd_pipeline: image-classifier folder or 'module:factory' plug-in")
-    detector_label: str = Field("", description="sd_pipeline: the detector's concept label (name or index)")
+    detector_label: int | str = Field("", description="sd_pipeline: the detector's concept label (name or index)")
     detector_threshold: float = Field(0.5, ge=0, le=1, description="sd_pipeline: P(concept) that flags an image")
     feature_model: str = Field("", description="sd_pipeline: image-classifier folder for FD (default: detector)")
     resolution: int = Field(512, gt=0, description="sd_pipeline: image side (pixels)")

@@ -272,7 +272,7 @@ def prepare_sd(ctx: StageContext, p) -> None:
     pairs = read_caption_folder(p.finetune_folder)
     prompts = read_eval_prompts(p.eval_prompts)
     meta = {"source": "sd_pipeline", "model_dir": p.model_dir, "resolution": p.resolution,
-            "concept_prompt": p.concept_prompt, "detector": p.detector, "detector_label": p.detector_label,
+            "concept_prompt": p.concept_prompt, "detector": p.detector, "detector_label": str(p.detector_label),
             "detector_threshold": p.detector_threshold, "feature_model": p.feature_model}
     detector = load_detector(meta, ctx.device)
     features = load_feature_model(meta, ctx.device, detector)

@@ -189,6 +189,13 @@ def test_missing_or_wrong_inputs_are_clear_errors(sd_inputs, tmp_path):
         with pytest.raises(err, match=key):
             run_stage(PAPER, "prepare", root=tmp_path, params=params, track=False)
     assert not (tmp_path / "artifacts" / PAPER / "prepare").exists()
+    # the concept label by name or by index (an int in params.yaml)
+    from tasks.modular_lora_sd import load_detector
+
+    for label in ("concept", "1"):
+        det = load_detector({"detector": str(sd_inputs / "detector"), "detector_label": label,
+                             "detector_threshold": 0.5}, torch.device("cpu"))
+        assert det.concept_index == 1
 
 
 def test_caption_folder_layouts_prompt_files_and_plugin_detector(tmp_path, monkeypatch):
