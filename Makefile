@@ -37,4 +37,4 @@ serve: setup
 	source $(VENV)/bin/activate && python -m flows.serve
 
 test: setup
-	source $(VENV)/bin/activate && python -m pytest -q -p no:cacheprovider
+	source $(VENV)/bin/activate && python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile

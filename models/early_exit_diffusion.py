@@ -337,24 +337,27 @@ def sample(denoiser: Callable, scheduler, labels: torch.Tensor, shape: tuple[int
     ``guidance_scale > 1`` applies classifier-free guidance with the "no label" id ``null_label``.
     """
     scheduler.set_timesteps(num_inference_steps)
+    x = torch.randn((labels.shape[0], *shape), generator=generator).to(device) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = _solver_step(denoiser, scheduler, x, t, labels, generator, guidance_scale, null_label, device)
+    return x
+
+
+def _solver_step(denoiser: Callable, scheduler, x: torch.Tensor, t, labels: torch.Tensor,
+                 generator: torch.Generator, guidance_scale: float, null_label: int | None, device) -> torch.Tensor:
+    """One solver step: eps from the denoiser (with classifier-free guidance when > 1), then the scheduler."""
     b = labels.shape[0]
-    x = torch.randn((b, *shape), generator=generator).to(device) * scheduler.init_noise_sigma
     labels = labels.to(device)
-    cfg = guidance_scale != 1.0
-    if cfg:
+    xin = scheduler.scale_model_input(x, t)
+    if guidance_scale != 1.0:
         if null_label is None:
             raise ValueError("classifier-free guidance needs the null label id")
         labels_in = torch.cat([labels, torch.full_like(labels, null_label)])
-    for t in scheduler.timesteps:
-        xin = scheduler.scale_model_input(x, t)
-        if cfg:
-            xin = torch.cat([xin, xin])
-            eps_c, eps_u = denoiser(xin, t.expand(2 * b).to(device), labels_in).chunk(2)
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
-        else:
-            eps = denoiser(xin, t.expand(b).to(device), labels)
-        x = scheduler.step(eps, t, x, generator=generator).prev_sample
-    return x
+        eps_c, eps_u = denoiser(torch.cat([xin, xin]), t.expand(2 * b).to(device), labels_in).chunk(2)
+        eps = eps_u + guidance_scale * (eps_c - eps_u)
+    else:
+        eps = denoiser(xin, t.expand(b).to(device), labels)
+    return scheduler.step(eps, t, x, generator=generator).prev_sample
 
 
 def sampling_grid(denoisers: dict[str, "EarlyExitDenoiser"], samplers: dict[str, int], labels: torch.Tensor,
@@ -378,27 +381,57 @@ def sampling_grid(denoisers: dict[str, "EarlyExitDenoiser"], samplers: dict[str,
     out = {}
     for si, seed in enumerate(seeds):
         for sampler_name, steps in samplers.items():
-            order = names[si % len(names):] + names[: si % len(names)]
-            for name in order:
-                den = denoisers[name]
+            for den in denoisers.values():
                 den.reset_counter()
-                gen = torch.Generator().manual_seed(int(seed))
-                imgs, seconds = [], 0.0
-                for i in range(0, len(labels), batch_size):
-                    lab = labels[i:i + batch_size]
-                    t0 = time.perf_counter()
-                    imgs.append(sample(den, make_scheduler(sampler_name), lab, shape, steps, gen, guidance_scale,
-                                       null_label, device).cpu())
-                    if torch.cuda.is_available() and str(device).startswith("cuda"):
-                        torch.cuda.synchronize()
-                    seconds += time.perf_counter() - t0
-                n = len(labels)
+            gens = {name: torch.Generator().manual_seed(int(seed)) for name in names}
+            imgs = {name: [] for name in names}
+            seconds = dict.fromkeys(names, 0.0)
+            for i in range(0, len(labels), batch_size):
+                res, secs = _sample_lockstep(denoisers, sampler_name, labels[i:i + batch_size], shape, steps, gens,
+                                             guidance_scale, null_label, device, rotate=si)
+                for name in names:
+                    imgs[name].append(res[name].cpu())
+                    seconds[name] += secs[name]
+            n = len(labels)
+            for name in names:
                 out[(seed, sampler_name, name)] = {
-                    "images": torch.cat(imgs), "seconds": seconds, "images_per_s": n / seconds,
-                    "blocks_per_image": den.block_evaluations / n}
+                    "images": torch.cat(imgs[name]), "seconds": seconds[name],
+                    "images_per_s": n / seconds[name],
+                    "blocks_per_image": denoisers[name].block_evaluations / n}
                 if on_done is not None:
                     on_done(sampler_name, name, int(seed))
     return out
+
+
+@torch.no_grad()
+def _sample_lockstep(denoisers: dict, sampler_name: str, labels: torch.Tensor, shape: tuple[int, ...], steps: int,
+                     gens: dict, guidance_scale: float, null_label: int | None, device, rotate: int = 0):
+    """``sample`` for every variant at once, advancing them one solver step at a time in rotating order
+    and timing each variant's own steps: a slow-down of the machine that lasts longer than one step hits
+    every variant alike, so the speed ratios stay fair on a busy machine. Each variant keeps its own
+    scheduler and generator, so its images are exactly those of ``sample`` with the same generator."""
+    import time
+
+    names = list(denoisers)
+    sync = torch.cuda.is_available() and str(device).startswith("cuda")
+    states = {}
+    for name in names:
+        sch = make_scheduler(sampler_name)
+        sch.set_timesteps(steps)
+        x = torch.randn((labels.shape[0], *shape), generator=gens[name]).to(device) * sch.init_noise_sigma
+        states[name] = [sch, x]
+    seconds = dict.fromkeys(names, 0.0)
+    for k, t in enumerate(states[names[0]][0].timesteps):
+        shift = (rotate + k) % len(names)
+        for name in names[shift:] + names[:shift]:
+            sch, x = states[name]
+            t0 = time.perf_counter()
+            states[name][1] = _solver_step(denoisers[name], sch, x, t, labels, gens[name], guidance_scale,
+                                           null_label, device)
+            if sync:
+                torch.cuda.synchronize()
+            seconds[name] += time.perf_counter() - t0
+    return {name: states[name][1] for name in names}, seconds
 
 
 def make_scheduler(name: str, num_train_timesteps: int = 1000, beta_schedule: str = "linear",

@@ -108,6 +108,8 @@ class FinetuneParams(Params):
     eval_samples: int = Field(16, gt=0, description="latent samples per series at test time")
     sde_dt: float = Field(0.05, gt=0, description="torchsde Euler step of the latent_sde baseline")
     num_threads: int = Field(1, gt=0, description="torch threads (1 is much faster on a loaded 2-core box)")
+    workers: int = Field(1, gt=0, description="processes training independent (task, model, seed) runs "
+                                              "in parallel, one torch thread each (CPU: one per core)")
 
 
 def model_config(p: FinetuneParams) -> dict:
@@ -117,48 +119,56 @@ def model_config(p: FinetuneParams) -> dict:
 
 @stage(PAPER, "finetune", params=FinetuneParams, inputs=("prepare",), gpu=True)
 def finetune(ctx: StageContext, p: FinetuneParams) -> None:
+    if p.width % p.n_heads:
+        raise ValueError(f"acssm.finetune.width ({p.width}) must be divisible by n_heads ({p.n_heads})")
     import torch
+
+    torch.set_num_threads(p.num_threads)
+    src = ctx.input("prepare")
+    jobs = [dict(task=t, model=m, seed=s, src=str(src), out=str(ctx.out_dir / t / m / f"seed{s}"),
+                 device=str(ctx.device), params=p.model_dump(mode="json"))
+            for t in p.tasks for s in p.seeds for m in p.models]
+
+    def log(i: int, res: dict) -> None:
+        tag = f"{res['task']}/{res['model']}/s{res['seed']}"
+        for rec in res.pop("history"):
+            ctx.log_metrics({f"{tag}/loss": rec["loss"], f"{tag}/sec_per_epoch": rec["seconds"]},
+                            step=rec["epoch"])
+
+    summary = ctx.map(fit_one, jobs, workers=p.workers, desc="acssm finetune", on_result=log)
+    io.write_json(ctx.out_dir / "runs.json", summary)
+
+
+def fit_one(job: dict) -> dict:
+    """One (task, model, seed) training: a top-level function so that worker processes can run it."""
+    import torch
+    from safetensors.torch import save_file
 
     from models.acssm import LossWeights
     from tasks.acssm_fit import build_model, predict, to_tensors, train_model
 
-    if p.width % p.n_heads:
-        raise ValueError(f"acssm.finetune.width ({p.width}) must be divisible by n_heads ({p.n_heads})")
-    torch.set_num_threads(p.num_threads)
-    src = ctx.input("prepare")
-    meta = io.read_json(src / "meta.json")
-    weights = LossWeights(p.lambda_control, p.lambda_potential)
-    summary = []
-    runs = [(t, m, s) for t in p.tasks for s in p.seeds for m in p.models]
-    for task_name, model_name, seed in ctx.progress(runs, desc="acssm finetune"):
-        info = meta[task_name]
-        tr = to_tensors(load_split(src, task_name, "train"), ctx.device)
-        te = to_tensors(load_split(src, task_name, "test"), ctx.device)
-        torch.manual_seed(seed)
-        model = build_model(model_name, info["task"], info["obs_dim"], info["out_dim"], model_config(p),
-                            causal=(task_name == "extrapolation")).to(ctx.device)
-        tag = f"{task_name}/{model_name}/s{seed}"
-        samples = 1 if model_name == "gru_dt" else p.train_samples
-
-        def log(rec, tag=tag):
-            ctx.log_metrics({f"{tag}/loss": rec["loss"], f"{tag}/sec_per_epoch": rec["seconds"]},
-                            step=rec["epoch"])
-
-        hist = train_model(model, tr, p.epochs, p.batch_size, p.lr, p.weight_decay, weights, samples, seed,
-                           p.grad_clip, on_epoch=log)
-        out = predict(model, te, 1 if model_name == "gru_dt" else p.eval_samples)
-        run_dir = ctx.out_dir / task_name / model_name / f"seed{seed}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  run_dir / "model.safetensors")
-        io.save_arrays(run_dir / "test_predictions.npz", **{k: v.cpu().numpy() for k, v in out.items()})
-        io.write_json(run_dir / "history.json", hist)
-        summary.append({"task": task_name, "model": model_name, "seed": seed,
-                        "sec_per_epoch_median": float(np.median([r["seconds"] for r in hist])),
-                        "final_loss": hist[-1]["loss"]})
-    io.write_json(ctx.out_dir / "runs.json", summary)
+    p = FinetuneParams(**job["params"])
+    task_name, model_name, seed = job["task"], job["model"], job["seed"]
+    src, device = Path(job["src"]), torch.device(job["device"])
+    info = io.read_json(src / "meta.json")[task_name]
+    tr = to_tensors(load_split(src, task_name, "train"), device)
+    te = to_tensors(load_split(src, task_name, "test"), device)
+    torch.manual_seed(seed)
+    model = build_model(model_name, info["task"], info["obs_dim"], info["out_dim"], model_config(p),
+                        causal=(task_name == "extrapolation")).to(device)
+    samples = 1 if model_name == "gru_dt" else p.train_samples
+    hist = train_model(model, tr, p.epochs, p.batch_size, p.lr, p.weight_decay,
+                       LossWeights(p.lambda_control, p.lambda_potential), samples, seed, p.grad_clip)
+    out = predict(model, te, 1 if model_name == "gru_dt" else p.eval_samples)
+    run_dir = Path(job["out"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              run_dir / "model.safetensors")
+    io.save_arrays(run_dir / "test_predictions.npz", **{k: v.cpu().numpy() for k, v in out.items()})
+    io.write_json(run_dir / "history.json", hist)
+    return {"task": task_name, "model": model_name, "seed": seed,
+            "sec_per_epoch_median": float(np.median([r["seconds"] for r in hist])),
+            "final_loss": hist[-1]["loss"], "history": hist}
 
 
 # --------------------------------------------------------------------------------------------------

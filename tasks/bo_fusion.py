@@ -152,10 +152,14 @@ def data_for(hf, tensors: dict, cached: int, splits=("train", "val", "test")):
     for s in splits:
         ids, mask, y = tensors[f"{s}_ids"], tensors[f"{s}_mask"], tensors[f"{s}_labels"]
         if cached:
-            key = (hf.config.name_or_path, len(_encoder_layers(hf)), cached, s, tuple(ids.shape), int(ids.sum()))
-            if key not in _FEATURES:
-                _FEATURES[key] = frozen_features(hf, ids, mask, cached)
-            x = _FEATURES[key]
+            def key(n):
+                return (hf.config.name_or_path, len(_encoder_layers(hf)), n, s, tuple(ids.shape), int(ids.sum()))
+
+            if key(cached) not in _FEATURES:  # continue from the highest lower cut already computed
+                lower = max((n for n in range(1, cached) if key(n) in _FEATURES), default=None)
+                start = None if lower is None else (_FEATURES[key(lower)], lower)
+                _FEATURES[key(cached)] = frozen_features(hf, ids, mask, cached, start=start)
+            x = _FEATURES[key(cached)]
         else:
             x = ids
         out[s] = TextBatches(x, mask, y.long())
@@ -273,6 +277,8 @@ class HpoParams(Params):
                                   "transfer check on the full model (3-5 values; empty: skip)")
     num_restarts: int = Field(gt=0)
     raw_samples: int = Field(gt=0)
+    gp_fit_maxiter: int | None = Field(None, gt=0, description="L-BFGS iterations of each GP fit (null: "
+                                       "botorch's default)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -304,8 +310,12 @@ def hpo(ctx: StageContext, p: HpoParams) -> None:
 
     meta, tensors = _prepared(ctx)
     spec, n_labels = meta["model"], len(meta["labels"])
-    budget = AcquisitionBudget(num_restarts=p.num_restarts, raw_samples=p.raw_samples)
+    budget = AcquisitionBudget(num_restarts=p.num_restarts, raw_samples=p.raw_samples,
+                               fit_maxiter=p.gp_fit_maxiter)
     result: dict = {}
+    if spec["cache_frozen"] and 0 < spec["frozen_layers"] < p.proxy_frozen_layers:
+        # the model's cut first, so the proxy's higher cut continues from it instead of starting over
+        data_for(load_classifier(spec, n_labels), tensors, spec["frozen_layers"], ("train", "val"))
     for variant in p.variants:
         proxy_frozen = p.proxy_frozen_layers if variant == "full" else spec["frozen_layers"]
         rank = p.proxy_lora_rank if variant == "lora" else p.lora_rank
@@ -428,6 +438,8 @@ class FuseParams(Params):
     mc_samples: int = Field(gt=0)
     num_restarts: int = Field(gt=0)
     raw_samples: int = Field(gt=0)
+    gp_fit_maxiter: int | None = Field(None, gt=0, description="L-BFGS iterations of each GP fit (null: "
+                                       "botorch's default)")
     maxiter: int = Field(gt=0)
     eval_batch_size: int = Field(gt=0)
 
@@ -459,13 +471,13 @@ def fuse(ctx: StageContext, p: FuseParams) -> None:
     spec, n_labels = meta["model"], len(meta["labels"])
     k = len(ft["checkpoint_steps"])
     budget = AcquisitionBudget(num_restarts=p.num_restarts, raw_samples=p.raw_samples,
-                               mc_samples=p.mc_samples, maxiter=p.maxiter)
+                               mc_samples=p.mc_samples, maxiter=p.maxiter, fit_maxiter=p.gp_fit_maxiter)
     n_init = p.n_initial or k
     out: dict = {"checkpoint_steps": ft["checkpoint_steps"], "runs": {}}
     for tag, run in ctx.progress(list(ft["runs"].items()), desc="fuse"):
         hf, module, cached = build_trainable(spec, n_labels, run["variant"], spec["frozen_layers"],
                                              ft["lora_rank"], ft["lora_alpha"], run["seed"])
-        data = data_for(hf, tensors, cached)
+        data = data_for(hf, tensors, cached, ("val", "test"))
         members = _load_members(ctx.input("finetune") / f"{tag}.safetensors", k)
         fused = FusedClassifier(module, members)
         cache: dict[tuple, tuple[float, float]] = {}

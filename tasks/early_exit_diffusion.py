@@ -205,6 +205,8 @@ class FinetuneParams(Params):
     label_dropout: float = Field(ge=0, lt=1)
     freeze_time_embedder: bool = Field(description="the paper trains all weights but the timestep embedder")
     seeds: list[int] = Field(min_length=1, description="one fine-tuning run per variant and seed")
+    workers: int = Field(1, gt=0, description="processes running (variant, seed) fine-tunings in parallel, "
+                                              "one torch thread each (CPU: one per core; GPU: 1)")
 
     @field_validator("schedule", mode="before")
     @classmethod
@@ -240,38 +242,58 @@ def variant_schedule(name: str, model, blocks: list[int]):
 @stage(PAPER, "finetune", params=FinetuneParams, inputs=("prepare", "pretrain"), gpu=True)
 def finetune(ctx: StageContext, p: FinetuneParams) -> None:
     """ASE fine-tuning of the pretrained DiT for its exit schedule (and the ablations), per seed."""
-    import copy
+    base = load_dit(ctx.input("pretrain") / "model")
+    for v in p.variants:  # validates every schedule against the model before any compute
+        variant_schedule(v, base, p.schedule)
+    jobs = [dict(seed=seed, variant=v, prepare=str(ctx.input("prepare")), pretrain=str(ctx.input("pretrain")),
+                 out=str(ctx.out_dir / f"{v}_seed{seed}"), device=str(ctx.device), params=p.model_dump(mode="json"))
+            for seed in p.seeds for v in p.variants]
+
+    def log(i: int, res: dict) -> None:
+        for step, loss in res.pop("curve"):
+            ctx.log_metrics({f"loss_{res['tag']}": loss}, step=step)
+
+    runs = ctx.map(finetune_one, jobs, workers=p.workers, desc="fine-tuning runs", on_result=log)
+    io.write_json(ctx.out_dir / "meta.json", {
+        "schedule": p.schedule, "variants": p.variants, "seeds": p.seeds,
+        "runs": {r["tag"]: {"schedule": r["schedule"], "final_loss": r["final_loss"]} for r in runs}})
+
+
+def finetune_one(job: dict) -> dict:
+    """One (variant, seed) fine-tuning run; top-level so that worker processes can run it."""
+    import os
 
     import torch
+    from tqdm.auto import tqdm
 
     from models.early_exit_diffusion import FitConfig, fit_denoiser, make_scheduler
 
-    data, _, _ = load_prepared(ctx.input("prepare"))
-    base = load_dit(ctx.input("pretrain") / "model").to(ctx.device)
-    schedules = {v: variant_schedule(v, base, p.schedule) for v in p.variants}  # validates before compute
-    x, y = data["x_train"].float().to(ctx.device), data["y_train"].to(ctx.device)
+    p = FinetuneParams(**job["params"])
+    seed, name, device = job["seed"], job["variant"], torch.device(job["device"])
+    data, _, _ = load_prepared(Path(job["prepare"]))
+    base = load_dit(Path(job["pretrain"]) / "model").to(device)
+    sched = variant_schedule(name, base, p.schedule)
+    x, y = data["x_train"].float().to(device), data["y_train"].to(device)
     cfg = FitConfig(steps=p.steps, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
                     ema_decay=p.ema_decay, label_dropout=p.label_dropout,
                     freeze_time_embedder=p.freeze_time_embedder)
-    summary = {}
-    for seed in p.seeds:
-        for name, sched in schedules.items():
-            torch.manual_seed(seed)
-            losses = []
-            tag = f"{name}_seed{seed}"
+    tag = f"{name}_seed{seed}"
+    torch.manual_seed(seed)
+    losses, curve = [], []
 
-            def on_step(i, loss, tag=tag):
-                losses.append(loss)
-                if i % 50 == 0 or i == p.steps - 1:
-                    ctx.log_metrics({f"loss_{tag}": float(np.mean(losses[-50:]))}, step=i)
+    def on_step(i, loss):
+        losses.append(loss)
+        if i % 50 == 0 or i == p.steps - 1:
+            curve.append((i, float(np.mean(losses[-50:]))))
 
-            model = fit_denoiser(copy.deepcopy(base), sched, make_scheduler("ddpm", **noise_scheduler_config()), x, y, cfg,
-                                 torch.Generator(device="cpu").manual_seed(10_000 + seed), on_step=on_step,
-                                 steps_iter=ctx.progress(range(p.steps), desc=tag))
-            model.to("cpu").save_pretrained(ctx.out_dir / tag, safe_serialization=True)
-            summary[tag] = {"schedule": list(sched.blocks), "final_loss": float(np.mean(losses[-50:]))}
-    io.write_json(ctx.out_dir / "meta.json", {"schedule": p.schedule, "variants": p.variants, "seeds": p.seeds,
-                                              "runs": summary})
+    steps = tqdm(range(p.steps), desc=f"{PAPER}-finetune {tag}", mininterval=5.0,
+                 disable=os.environ.get("PAPERFLOWS_NO_PROGRESS") == "1")
+    model = fit_denoiser(base, sched, make_scheduler("ddpm", **noise_scheduler_config()), x, y, cfg,
+                         torch.Generator(device="cpu").manual_seed(10_000 + seed), on_step=on_step,
+                         steps_iter=steps)
+    model.to("cpu").save_pretrained(job["out"], safe_serialization=True)
+    return {"tag": tag, "schedule": list(sched.blocks), "final_loss": float(np.mean(losses[-50:])),
+            "curve": curve}
 
 
 # ---------------------------------------------------------------------------------------- evaluate
@@ -284,6 +306,8 @@ class EvaluateParams(Params):
     speedup_threshold: float = Field(gt=0, description="claim ase_faster: ASE images/s >= this x full")
     quality_tolerance: float = Field(gt=0, description="claim ase_quality_kept: ASE FD <= this x full")
     grid_sampler: Literal["ddpm", "ddim", "dpm_solver"] = Field(description="sampler for the sample grid plot")
+    workers: int = Field(1, gt=0, description="processes sampling seeds in parallel, one torch thread each; "
+                                              "speed ratios stay within one process (interleaved)")
 
     @model_validator(mode="after")
     def _grid(self):
@@ -295,50 +319,23 @@ class EvaluateParams(Params):
 @stage(PAPER, "evaluate", params=EvaluateParams, inputs=("prepare", "pretrain", "finetune"), gpu=True)
 def evaluate(ctx: StageContext, p: EvaluateParams) -> None:
     """Images/s, block evaluations per image, FD-proxy and label accuracy per sampler and variant."""
-    import torch
-
-    from models.early_exit_diffusion import EarlyExitDenoiser, sampling_grid
-    from tasks.data.digit_features import classifier_features
-    from tasks.metrics import frechet_distance
-
-    data, meta, clf = load_prepared(ctx.input("prepare"))
+    meta = io.read_json(ctx.input("prepare") / "meta.json")
     ft_meta = io.read_json(ctx.input("finetune") / "meta.json")
-    base = load_dit(ctx.input("pretrain") / "model").to(ctx.device).eval()
+    base = load_dit(ctx.input("pretrain") / "model")
     seeds = ft_meta["seeds"]
     blocks = ft_meta["schedule"]
-    null_label = base.transformer_blocks[0].norm1.emb.class_embedder.num_classes
-    f_real, _ = classifier_features(clf, data["x_test"].float())
-    f_real = f_real.numpy()
-    labels = torch.arange(p.num_images) % meta["num_classes"]
-    shape = tuple(meta["shape"])
-    pix = meta.get("pixel_range")
+    jobs = [dict(seed=seed, prepare=str(ctx.input("prepare")), pretrain=str(ctx.input("pretrain")),
+                 finetune=str(ctx.input("finetune")), device=str(ctx.device), params=p.model_dump(mode="json"),
+                 grid=(seed == seeds[0])) for seed in seeds]
 
-    rows = []
-    for seed in seeds:
-        dens = {"full": EarlyExitDenoiser(base, variant_schedule("full", base, blocks)),
-                "naive": EarlyExitDenoiser(base, variant_schedule("naive", base, blocks))}
-        for v in ft_meta["variants"]:
-            m = load_dit(ctx.input("finetune") / f"{v}_seed{seed}").to(ctx.device).eval()
-            dens[v] = EarlyExitDenoiser(m, variant_schedule(v, m, blocks))
-        n_runs = len(p.samplers) * len(dens)
-        bar = ctx.progress(total=n_runs, desc=f"sample seed {seed}")
-        grid = sampling_grid(dens, dict(p.samplers), labels, shape, [seed], p.batch_size, p.guidance_scale,
-                             null_label, ctx.device, warmup=True, on_done=lambda *a: bar.update(1))
-        bar.close()
-        for (s, sampler, variant), r in grid.items():
-            imgs = r["images"].float()
-            if pix:
-                imgs = imgs.clamp(*pix)
-            feats, pred = classifier_features(clf, imgs)
-            rows.append({"seed": s, "sampler": sampler, "variant": variant,
-                         "fd_proxy": frechet_distance(feats.numpy(), f_real),
-                         "label_accuracy": float((pred == labels).float().mean()),
-                         "images_per_s": r["images_per_s"], "blocks_per_image": r["blocks_per_image"],
-                         "schedule": list(dens[variant].schedule.blocks)})
-            if sampler == p.grid_sampler and s == seeds[0]:
-                _grid_figure(ctx, variant, sampler, imgs[: 10 * min(8, max(1, p.num_images // 10))], meta)
-        ctx.log_metrics({f"{r['sampler']}_{r['variant']}_fd_proxy": r["fd_proxy"] for r in rows if r["seed"] == seed},
-                        step=int(seed))
+    def log(i: int, res: dict) -> None:
+        ctx.log_metrics({f"{r['sampler']}_{r['variant']}_fd_proxy": r["fd_proxy"] for r in res["rows"]},
+                        step=int(res["seed"]))
+
+    results = ctx.map(evaluate_seed, jobs, workers=p.workers, desc="sampling (seeds)", on_result=log)
+    rows = [r for res in results for r in res["rows"]]
+    for variant, (sampler, imgs) in results[0]["grid_images"].items():
+        _grid_figure(ctx, variant, sampler, imgs, meta)
 
     summary = summarise(rows, list(p.samplers))
     claims = compute_claims(summary, list(p.samplers), p.speedup_threshold, p.quality_tolerance)
@@ -357,6 +354,48 @@ def evaluate(ctx: StageContext, p: EvaluateParams) -> None:
                 "FD-proxy is the mean over seeds; seeds share the pretrained base and vary fine-tuning and "
                 "sampling noise; 'naive' is the pretrained model with the ASE schedule and no fine-tuning; "
                 "'full_control' is the full model fine-tuned for the same steps without exits."})
+
+
+def evaluate_seed(job: dict) -> dict:
+    """Sample every variant with every sampler for one seed (interleaved, with warm-up, in one process)
+    and score it; top-level so that worker processes can run it."""
+    import torch
+
+    from models.early_exit_diffusion import EarlyExitDenoiser, sampling_grid
+    from tasks.data.digit_features import classifier_features
+    from tasks.metrics import frechet_distance
+
+    p = EvaluateParams(**job["params"])
+    seed, device = job["seed"], torch.device(job["device"])
+    data, meta, clf = load_prepared(Path(job["prepare"]))
+    ft_meta = io.read_json(Path(job["finetune"]) / "meta.json")
+    blocks = ft_meta["schedule"]
+    base = load_dit(Path(job["pretrain"]) / "model").to(device).eval()
+    null_label = base.transformer_blocks[0].norm1.emb.class_embedder.num_classes
+    f_real = classifier_features(clf, data["x_test"].float())[0].numpy()
+    labels = torch.arange(p.num_images) % meta["num_classes"]
+    pix = meta.get("pixel_range")
+    dens = {"full": EarlyExitDenoiser(base, variant_schedule("full", base, blocks)),
+            "naive": EarlyExitDenoiser(base, variant_schedule("naive", base, blocks))}
+    for v in ft_meta["variants"]:
+        m = load_dit(Path(job["finetune"]) / f"{v}_seed{seed}").to(device).eval()
+        dens[v] = EarlyExitDenoiser(m, variant_schedule(v, m, blocks))
+    grid = sampling_grid(dens, dict(p.samplers), labels, tuple(meta["shape"]), [seed], p.batch_size,
+                         p.guidance_scale, null_label, device, warmup=True)
+    rows, grid_images = [], {}
+    for (s, sampler, variant), r in grid.items():
+        imgs = r["images"].float()
+        if pix:
+            imgs = imgs.clamp(*pix)
+        feats, pred = classifier_features(clf, imgs)
+        rows.append({"seed": s, "sampler": sampler, "variant": variant,
+                     "fd_proxy": frechet_distance(feats.numpy(), f_real),
+                     "label_accuracy": float((pred == labels).float().mean()),
+                     "images_per_s": r["images_per_s"], "blocks_per_image": r["blocks_per_image"],
+                     "schedule": list(dens[variant].schedule.blocks)})
+        if job["grid"] and sampler == p.grid_sampler:
+            grid_images[variant] = (sampler, imgs[: 10 * min(8, max(1, p.num_images // 10))].cpu())
+    return {"seed": seed, "rows": rows, "grid_images": grid_images}
 
 
 def summarise(rows: list[dict], samplers: list[str]) -> dict:

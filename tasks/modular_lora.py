@@ -43,6 +43,17 @@ class PrepareParams(Params):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     detector_steps: int = Field(400, gt=0)
     detector_noise: float = Field(0.3, ge=0)
+    # paper scale (source: sd_pipeline, tasks/modular_lora_sd.py); the digits keys above are then unused
+    source: Literal["digits", "sd_pipeline"] = Field("digits", description="digits (CPU scale) or a local SD pipeline")
+    model_dir: str = Field("", description="sd_pipeline: a StableDiffusionPipeline.save_pretrained folder")
+    finetune_folder: str = Field("", description="sd_pipeline: image-caption folder (metadata.jsonl or images/*.png+.txt)")
+    eval_prompts: str = Field("", description="sd_pipeline: prompts file (.json or 'concept:/benign:/task:' lines)")
+    concept_prompt: str = Field("", description="sd_pipeline: the suppressed concept as a text prompt")
+    detector: str = Field("", description="sd_pipeline: image-classifier folder or 'module:factory' plug-in")
+    detector_label: int | str = Field("", description="sd_pipeline: the detector's concept label (name or index)")
+    detector_threshold: float = Field(0.5, ge=0, le=1, description="sd_pipeline: P(concept) that flags an image")
+    feature_model: str = Field("", description="sd_pipeline: image-classifier folder for FD (default: detector)")
+    resolution: int = Field(512, gt=0, description="sd_pipeline: image side (pixels)")
 
     @field_validator("concept")
     @classmethod
@@ -59,6 +70,10 @@ class PrepareParams(Params):
             raise ValueError(f"finetune_digits contains the concept {self.concept}: the benign set must not")
         if any(not 0 <= d <= 9 for d in self.finetune_digits):
             raise ValueError("finetune_digits must be digits 0..9")
+        if self.source == "sd_pipeline":
+            for key in ("model_dir", "finetune_folder", "eval_prompts", "concept_prompt", "detector"):
+                if not getattr(self, key).strip():
+                    raise ValueError(f"source 'sd_pipeline' needs '{key}'")
         return self
 
 
@@ -88,6 +103,8 @@ class SafetyParams(Params):
     preserve_weight: float = Field(1.0, ge=0, description="weight of the preservation term on other prompts")
     sdd_ema_decay: float = Field(0.99, gt=0, lt=1)
     workers: int = Field(1, ge=1, description="processes (1 torch thread each) running the runs in parallel")
+    ddim_steps: int = Field(50, gt=0, description="sd_pipeline: DDIM steps of ESD/SDD's partial sampling of x_t")
+    guidance: float = Field(3.0, ge=1, description="sd_pipeline: CFG scale of that sampling")
 
 
 class FinetuneParams(Params):
@@ -117,6 +134,7 @@ class EvaluateParams(Params):
     modular_margin: float = Field(0.05, ge=0, description="Modular LoRA's allowed rise over the safe model")
     task_tolerance: float = Field(0.10, ge=0, description="relative tolerance on FD-proxy and accuracy")
     workers: int = Field(1, ge=1, description="processes (1 torch thread each) sampling the runs in parallel")
+    task_samples_per_prompt: int = Field(1, gt=0, description="sd_pipeline: images per task prompt (FD)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,6 +156,11 @@ def _load_digits(size: int):
     if size != 8:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return x, torch.tensor(d.target, dtype=torch.long)
+
+
+def _source(ctx: StageContext) -> str:
+    """What prepare built: 'digits' (CPU scale) or 'sd_pipeline' (paper scale)."""
+    return _read_json(ctx.input("prepare") / "data.json").get("source", "digits")
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -284,6 +307,9 @@ def _finetune_job(job: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 @stage(PAPER, "prepare", params=PrepareParams)
 def prepare(ctx: StageContext, p: PrepareParams) -> None:
+    if p.source == "sd_pipeline":  # paper scale
+        from tasks.modular_lora_sd import prepare_sd
+        return prepare_sd(ctx, p)
     _imports()
     x, y = _load_digits(p.image_size)
     g = _generator(ctx.seed)
@@ -311,6 +337,9 @@ def prepare(ctx: StageContext, p: PrepareParams) -> None:
 
 @stage(PAPER, "pretrain", params=PretrainParams, inputs=("prepare",), gpu=True)
 def pretrain(ctx: StageContext, p: PretrainParams) -> None:
+    if _source(ctx) == "sd_pipeline":  # paper scale
+        from tasks.modular_lora_sd import pretrain_sd
+        return pretrain_sd(ctx, p)
     _imports()
     src = ctx.input("prepare")
     data, meta = load_file(src / "data.safetensors"), _read_json(src / "data.json")
@@ -345,6 +374,9 @@ def pretrain(ctx: StageContext, p: PretrainParams) -> None:
 
 @stage(PAPER, "safety", params=SafetyParams, inputs=("prepare", "pretrain"), gpu=True)
 def safety(ctx: StageContext, p: SafetyParams) -> None:
+    if _source(ctx) == "sd_pipeline":  # paper scale
+        from tasks.modular_lora_sd import safety_sd
+        return safety_sd(ctx, p)
     _imports()
     ins = _Inputs(ctx, ("prepare", "pretrain"))
     runs = [{"objective": obj, "seed": seed} for obj in p.objectives for seed in p.seeds]
@@ -368,6 +400,9 @@ def _safe_unet(ctx: StageContext | _Inputs, obj: str, seed: int) -> tuple[ml.Den
 
 @stage(PAPER, "finetune", params=FinetuneParams, inputs=("prepare", "pretrain", "safety"), gpu=True)
 def finetune(ctx: StageContext, p: FinetuneParams) -> None:
+    if _source(ctx) == "sd_pipeline":  # paper scale
+        from tasks.modular_lora_sd import finetune_sd
+        return finetune_sd(ctx, p)
     _imports()
     ins = _Inputs(ctx, ("prepare", "pretrain", "safety"))
     runs = _read_json(ctx.input("safety") / "safety.json")["runs"]

@@ -6,7 +6,8 @@ from pathlib import Path
 from tasks.core import StageContext, stage
 from tasks import modular_lora as base_mod
 from tasks.modular_lora import (PAPER, EvaluateParams, _imports, _Inputs, _load_adapter, _load_base,
-                                _load_detector, _prompts_hist, _read_json, _run_jobs, _safe_unet, _write_json)
+                                _load_detector, _prompts_hist, _read_json, _run_jobs, _safe_unet, _source,
+                                _write_json)
 
 
 def _heavy():
@@ -113,6 +114,9 @@ def _claims(summary: dict, p: EvaluateParams) -> dict[str, bool]:
 
 @stage(PAPER, "evaluate", params=EvaluateParams, inputs=("prepare", "pretrain", "safety", "finetune"))
 def evaluate(ctx: StageContext, p: EvaluateParams) -> None:
+    if _source(ctx) == "sd_pipeline":  # paper scale
+        from tasks.modular_lora_sd import evaluate_sd
+        return evaluate_sd(ctx, p)
     _heavy()
     import matplotlib
 

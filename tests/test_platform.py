@@ -167,3 +167,20 @@ def test_scale_switch_rewrites_params_and_keeps_comments(tmp_path):
     assert before != after
     flags = tasks_cli(repo, "scale", "paper", "--print").stdout
     assert "-S 'lowprec_ensemble.train.model=pretrained'" in flags
+
+
+
+def test_map_jobs_keeps_order_uses_one_thread_per_worker_and_raises_failures():
+    from tasks.core.parallel import map_jobs
+    from tests._jobs import square as _square_in_worker
+
+    seen = []
+    out = map_jobs(_square_in_worker, [3, 1, 2], workers=2, on_result=lambda i, r: seen.append(i))
+    assert [r[0] for r in out] == [9, 1, 4]
+    assert all(r[1] == 1 for r in out)
+    assert sorted(seen) == [0, 1, 2]
+    assert [r[0] for r in map_jobs(_square_in_worker, [3, 1], workers=1)] == [9, 1]  # in-process path
+    with pytest.raises(ValueError, match="job -1 failed"):
+        map_jobs(_square_in_worker, [1, -1], workers=2)
+    with pytest.raises(ValueError, match="workers"):
+        map_jobs(_square_in_worker, [1], workers=0)

@@ -86,6 +86,13 @@ class StageContext:
                     mininterval=0.5 if tty else 5.0, dynamic_ncols=True, leave=tty,
                     disable=os.environ.get("PAPERFLOWS_NO_PROGRESS") == "1", **kw)
 
+    def map(self, fn, jobs, workers: int = 1, desc: str = "", on_result=None) -> list:
+        """Run independent jobs (seeds, tasks) in ``workers`` processes, one torch thread each; see
+        ``tasks.core.parallel.map_jobs``. Results in job order."""
+        from .parallel import map_jobs
+
+        return map_jobs(fn, jobs, workers=workers, progress=self.progress, desc=desc, on_result=on_result)
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.tracker:
             self.tracker.log_metrics(metrics, step=step)

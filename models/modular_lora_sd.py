@@ -1,0 +1,343 @@
+"""Modular LoRA at paper scale: the same method on a Stable Diffusion pipeline's UNet, in latent space.
+
+W0 is the pipeline's ``UNet2DConditionModel``, conditioned on its frozen CLIP text encoder; images live in
+the VAE's latent space. The adapters, the merges and the model arithmetic are the CPU scale's
+(``models.modular_lora``: ``lora_config``, ``activate``, ``merged_unet``, ``esd_target``); what changes here:
+
+* ESD and SDD draw x_t as the papers do, by partial DDIM sampling with classifier-free guidance from the
+  student (ESD) or the EMA teacher (SDD) with the concept prompt, instead of re-noising real images;
+* the noise schedule is the pipeline's own (``DDPMScheduler``/``DDIMScheduler.from_config``);
+* the benign fine-tuning is the text-to-image denoising loss on VAE latents of an image-caption folder.
+
+Pure torch / diffusers / peft / transformers objects: no file I/O, no tracking, no orchestration.
+"""
+from __future__ import annotations
+
+import copy
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+
+from models.modular_lora import (FINETUNE, SAFETY, activate, adapter_parameters, esd_target, lora_config,
+                                 merged_unet, set_trainable)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pipeline's parts
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class SDParts:
+    """UNet (W0, carries the adapters), frozen VAE, frozen CLIP text encoder + tokenizer, scheduler config."""
+
+    unet: UNet2DConditionModel
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict
+    device: torch.device
+    latent_size: int  # image resolution / the VAE's downsampling factor
+
+    def freeze(self) -> "SDParts":
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.requires_grad_(False)
+            m.eval()
+        return self
+
+    def noise_scheduler(self) -> DDPMScheduler:
+        return DDPMScheduler.from_config(self.scheduler_config)
+
+    def sampler(self) -> DDIMScheduler:
+        # latents are not confined to [-1, 1]: never clip the predicted x0 (DDIM's default for pixel models)
+        return DDIMScheduler.from_config(self.scheduler_config, clip_sample=False)
+
+    @torch.no_grad()
+    def embed(self, prompts: Sequence[str]) -> torch.Tensor:
+        """CLIP text embeddings (last hidden state), padded to the tokenizer's max length as SD does."""
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, batch: int = 8) -> torch.Tensor:
+        """Images in [-1, 1] (N, 3, H, W) -> scaled VAE latents (the posterior mean)."""
+        out = []
+        for i in range(0, len(images), batch):
+            x = images[i:i + batch].to(self.device, self.vae.dtype)
+            out.append(self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor)
+        return torch.cat(out).float().cpu()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1] (N, 3, H, W) on the CPU."""
+        out = []
+        for i in range(0, len(latents), batch):
+            z = latents[i:i + batch].to(self.device, self.vae.dtype) / self.vae.config.scaling_factor
+            out.append((self.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1).cpu())
+        return torch.cat(out)
+
+
+def eps(unet: UNet2DConditionModel, x: torch.Tensor, t, emb: torch.Tensor) -> torch.Tensor:
+    return unet(x, t, encoder_hidden_states=emb).sample
+
+
+def _randn(shape, gen: torch.Generator, device) -> torch.Tensor:
+    """Noise from a CPU generator (the same numbers on every device)."""
+    return torch.randn(shape, generator=gen).to(device)
+
+
+@torch.no_grad()
+def ddim_cfg(unet: UNet2DConditionModel, sampler: DDIMScheduler, cond: torch.Tensor, uncond: torch.Tensor,
+             steps: int, guidance: float, gen: torch.Generator, latent_shape: Sequence[int],
+             stop_at: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DDIM (η = 0) with classifier-free guidance ε_u + g (ε_c − ε_u) from pure noise.
+
+    ``stop_at`` = i returns the latent after i DDIM steps and the timestep it is at (ESD/SDD's partial
+    sampling); otherwise the final latent and None.
+    """
+    if guidance < 1:
+        raise ValueError(f"guidance scale must be >= 1, got {guidance}")
+    sampler.set_timesteps(steps)
+    n = cond.shape[0]
+    x = _randn((n, *latent_shape), gen, cond.device) * sampler.init_noise_sigma
+    emb = torch.cat([uncond.expand(n, -1, -1), cond])
+    for i, t in enumerate(sampler.timesteps):
+        if stop_at is not None and i == stop_at:
+            return x, t
+        eu, ec = eps(unet, sampler.scale_model_input(torch.cat([x, x]), t), t, emb).chunk(2)
+        x = sampler.step(eu + guidance * (ec - eu), t, x).prev_sample
+    return x, None
+
+
+def generate(parts: SDParts, prompts: Sequence[str], n_per_prompt: int, steps: int, guidance: float,
+             seed: int, batch: int = 8) -> torch.Tensor:
+    """Images in [0, 1] of every prompt, ``n_per_prompt`` each, prompt-major order, with the UNet as it is."""
+    gen = torch.Generator().manual_seed(int(seed))
+    uncond = parts.embed([""])
+    todo = [p for p in prompts for _ in range(n_per_prompt)]
+    shape = (parts.unet.config.in_channels, parts.latent_size, parts.latent_size)
+    out = []
+    for i in range(0, len(todo), batch):
+        z, _ = ddim_cfg(parts.unet, parts.sampler(), parts.embed(todo[i:i + batch]), uncond, steps, guidance,
+                        gen, shape)
+        out.append(parts.decode(z))
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Safety LoRA with ESD / SDD on the pipeline's UNet
+# ----------------------------------------------------------------------------------------------------------
+@contextmanager
+def swapped(params: list[torch.nn.Parameter], values: list[torch.Tensor]):
+    """Temporarily load ``values`` into ``params`` (to sample from SDD's EMA teacher)."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+
+
+def train_safety_lora_sd(parts: SDParts, concept: str, objective: str, steps: int, lr: float, rank: int,
+                         layers: str, gen: torch.Generator, ddim_steps: int = 50, guidance: float = 3.0,
+                         esd_scale: float = 3.0, ema_decay: float = 0.999, batch: int = 1,
+                         keep_prompts: Sequence[str] = (), preserve_weight: float = 0.0,
+                         on_step: Callable[[int, float], None] | None = None) -> None:
+    """Add and train the adapter ``safety`` on the frozen pipeline UNet (in place).
+
+    Each step: pick a DDIM index i ~ U{0..ddim_steps-1}, sample x_t by i DDIM+CFG steps with the concept
+    prompt from the student (ESD) or the EMA teacher (SDD), at the timestep t it has reached; then
+    ESD: MSE(ε_S(x_t, c), ε0 − s (ε_c − ε0)) with ε0, ε_c from the frozen UNet (adapters disabled);
+    SDD: MSE(ε_S(x_t, c), sg[ε_S(x_t, "")]), the EMA of the LoRA weights being the returned adapter.
+    ``preserve_weight`` > 0 adds ||ε_S(x_t, b) − ε_T(x_t, b)||² for a random prompt b of ``keep_prompts``.
+    """
+    if objective not in ("esd", "sdd"):
+        raise ValueError(f"unknown safety objective {objective!r}; use 'esd' or 'sdd'")
+    if not concept:
+        raise ValueError("the safety objective needs a concept prompt")
+    unet = parts.unet
+    unet.add_adapter(lora_config(rank, layers=layers), adapter_name=SAFETY)
+    unet.to(parts.device)
+    activate(unet, {SAFETY: 1.0})
+    params = set_trainable(unet, adapter_parameters(unet, SAFETY))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    ema = [p.detach().clone() for p in params] if objective == "sdd" else None
+    c_emb, null_emb = parts.embed([concept] * batch), parts.embed([""] * batch)
+    shape = (unet.config.in_channels, parts.latent_size, parts.latent_size)
+    rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    for step in range(steps):
+        i = rng.randrange(ddim_steps)
+        unet.eval()
+        if ema is not None:
+            with swapped(params, ema):
+                xt, t = ddim_cfg(unet, parts.sampler(), c_emb, null_emb[:1], ddim_steps, guidance, gen, shape, i)
+        else:
+            xt, t = ddim_cfg(unet, parts.sampler(), c_emb, null_emb[:1], ddim_steps, guidance, gen, shape, i)
+        unet.train()
+        with torch.no_grad():
+            if objective == "esd":
+                unet.disable_adapters()
+                target = esd_target(eps(unet, xt, t, null_emb), eps(unet, xt, t, c_emb), esd_scale)
+                unet.enable_adapters()
+            else:
+                target = eps(unet, xt, t, null_emb)
+        loss = F.mse_loss(eps(unet, xt, t, c_emb), target)
+        if preserve_weight > 0 and keep_prompts:
+            k_emb = parts.embed([rng.choice(list(keep_prompts)) for _ in range(batch)])
+            with torch.no_grad():
+                unet.disable_adapters()
+                keep_target = eps(unet, xt, t, k_emb)
+                unet.enable_adapters()
+            loss = loss + preserve_weight * F.mse_loss(eps(unet, xt, t, k_emb), keep_target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for e, p in zip(ema, params):
+                    e.lerp_(p, 1 - ema_decay)
+        if on_step:
+            on_step(step, loss.item())
+    if ema is not None:  # SDD returns the EMA teacher
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                p.copy_(e)
+    unet.requires_grad_(False)
+    unet.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benign fine-tuning arms on VAE latents of an image-caption set
+# ----------------------------------------------------------------------------------------------------------
+def arm_unet(arm: str, base: UNet2DConditionModel, rank: int, layers: str
+             ) -> tuple[UNet2DConditionModel, list[torch.nn.Parameter]]:
+    """The model an arm trains and its trainable parameters (the same setup as ``finetune_arm``).
+
+    full: all weights of the merged W0 + ΔW_safe; lora_on_safe: a new ``ft`` LoRA on the merged safe
+    model; modular: a new ``ft`` LoRA on W0 with the safety adapter disabled.
+    """
+    device = next(base.parameters()).device
+    if arm == "modular":
+        unet = copy.deepcopy(base)
+        unet.add_adapter(lora_config(rank, layers=layers), adapter_name=FINETUNE)
+        unet.to(device)
+        activate(unet, {FINETUNE: 1.0})
+        return unet, set_trainable(unet, adapter_parameters(unet, FINETUNE))
+    if arm not in ("full", "lora_on_safe"):
+        raise ValueError(f"unknown arm {arm!r}")
+    unet = merged_unet(base, {SAFETY: 1.0}).to(device)
+    if arm == "full":
+        return unet, set_trainable(unet, unet.parameters())
+    unet.add_adapter(lora_config(rank, layers=layers), adapter_name=FINETUNE)
+    unet.to(device)
+    return unet, set_trainable(unet, adapter_parameters(unet, FINETUNE))
+
+
+def inference_view(arm: str, unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """The arm's model as used at inference (modular: W0 + ΔW_safe + ΔW_ft, an exact sum of LoRA outputs)."""
+    if arm == "modular":
+        activate(unet, {SAFETY: 1.0, FINETUNE: 1.0})
+    return unet
+
+
+def finetune_arm_sd(arm: str, parts: SDParts, latents: torch.Tensor, captions: Sequence[str], steps: int,
+                    lr: float, batch: int, rank: int, layers: str, gen: torch.Generator, null_prob: float = 0.1,
+                    on_step: Callable[[int, float, UNet2DConditionModel], None] | None = None
+                    ) -> UNet2DConditionModel:
+    """Text-to-image fine-tuning (DDPM ε loss on VAE latents, the pipeline's noise schedule) in one arm.
+
+    ``parts.unet`` carries the trained ``safety`` adapter on W0; it is not modified. Captions are dropped
+    to "" with probability ``null_prob`` so classifier-free guidance keeps working.
+    """
+    if len(latents) == 0 or len(latents) != len(captions):
+        raise ValueError("the fine-tuning set is empty or its captions do not match its latents")
+    unet, params = arm_unet(arm, parts.unet, rank, layers)
+    sched = parts.noise_scheduler()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    T = sched.config.num_train_timesteps
+    for step in range(steps):
+        i = torch.randint(0, len(latents), (batch,), generator=gen)
+        drop = torch.rand(batch, generator=gen) < null_prob
+        emb = parts.embed(["" if d else captions[j] for j, d in zip(i.tolist(), drop.tolist())])
+        x0 = latents[i].to(parts.device)
+        noise = _randn(x0.shape, gen, parts.device)
+        t = torch.randint(0, T, (batch,), generator=gen).to(parts.device)
+        unet.train()
+        loss = F.mse_loss(eps(unet, sched.add_noise(x0, noise, t), t, emb), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if on_step:
+            unet.eval()
+            on_step(step, loss.item(), inference_view(arm, unet))
+            if arm == "modular":
+                activate(unet, {FINETUNE: 1.0})
+    unet.requires_grad_(False)
+    unet.eval()
+    return inference_view(arm, unet)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Detectors (pluggable) and image features
+# ----------------------------------------------------------------------------------------------------------
+class ImageClassifierDetector:
+    """A transformers image classifier as the harm detector: P(concept label) and pooled features.
+
+    Images come in [0, 1] (N, 3, H, W); they are resized to the classifier's input size and normalised
+    with its processor's mean/std. ``concept_index`` is the label that means "the concept".
+    """
+
+    def __init__(self, model, concept_index: int, size: tuple[int, int], mean: Sequence[float],
+                 std: Sequence[float], device: torch.device, threshold: float = 0.5, batch: int = 32):
+        n_labels = model.config.num_labels
+        if not 0 <= concept_index < n_labels:
+            raise ValueError(f"concept label index {concept_index} is outside the classifier's {n_labels} labels")
+        self.model = model.to(device).eval()
+        self.concept_index, self.size, self.device = concept_index, tuple(size), device
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.threshold, self.batch = threshold, batch
+
+    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images.float(), size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        return ((x - self.mean) / self.std).to(self.device)
+
+    @torch.no_grad()
+    def concept_prob(self, images: torch.Tensor) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), self.batch):
+            logits = self.model(pixel_values=self._inputs(images[i:i + self.batch])).logits.float()
+            out.append(logits.softmax(-1)[:, self.concept_index].cpu())
+        return torch.cat(out).numpy()
+
+    def is_concept(self, images: torch.Tensor) -> np.ndarray:
+        return self.concept_prob(images) > self.threshold
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        """The classifier's last hidden state, mean-pooled over positions (the FD feature space)."""
+        out = []
+        for i in range(0, len(images), self.batch):
+            h = self.model(pixel_values=self._inputs(images[i:i + self.batch]), output_hidden_states=True
+                           ).hidden_states[-1].float()
+            out.append((h.mean(dim=(2, 3)) if h.dim() == 4 else h.mean(dim=1)).cpu())
+        return torch.cat(out).numpy()
+
+
+def concept_rate(detector, images: torch.Tensor) -> float:
+    """Share of the images the detector flags as the concept (the harmful rate)."""
+    flags = np.asarray(detector.is_concept(images))
+    if flags.size == 0:
+        raise ValueError("no images to rate")
+    return float(flags.mean())
