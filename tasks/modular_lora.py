@@ -102,6 +102,7 @@ class SafetyParams(Params):
     esd_scale: float = Field(3.0, gt=0, description="ESD negative-guidance scale s")
     preserve_weight: float = Field(1.0, ge=0, description="weight of the preservation term on other prompts")
     sdd_ema_decay: float = Field(0.99, gt=0, lt=1)
+    workers: int = Field(1, ge=1, description="processes (1 torch thread each) running the runs in parallel")
     ddim_steps: int = Field(50, gt=0, description="sd_pipeline: DDIM steps of ESD/SDD's partial sampling of x_t")
     guidance: float = Field(3.0, ge=1, description="sd_pipeline: CFG scale of that sampling")
 
@@ -115,6 +116,7 @@ class FinetuneParams(Params):
     batch: int = Field(32, gt=0)
     rank: int = Field(4, ge=1)
     layers: Literal["xattn", "attn", "all"] = Field("attn")
+    workers: int = Field(1, ge=1, description="processes (1 torch thread each) running the arms in parallel")
     curve_points: int = Field(4, gt=0, description="points on the re-emergence curve")
     curve_samples: int = Field(32, gt=0)
     ddim_steps: int = Field(20, gt=0)
@@ -131,6 +133,7 @@ class EvaluateParams(Params):
     collapse_margin: float = Field(0.10, ge=0, description="other prompts' share of the concept vs base")
     modular_margin: float = Field(0.05, ge=0, description="Modular LoRA's allowed rise over the safe model")
     task_tolerance: float = Field(0.10, ge=0, description="relative tolerance on FD-proxy and accuracy")
+    workers: int = Field(1, ge=1, description="processes (1 torch thread each) sampling the runs in parallel")
     task_samples_per_prompt: int = Field(1, gt=0, description="sd_pipeline: images per task prompt (FD)")
 
 
@@ -211,6 +214,94 @@ def _prompts_hist(den: ml.Denoiser, det: ml.DigitDetector, style: str, n: int, s
     return np.stack([ml.class_histogram(p) for p in pred]), imgs
 
 
+class _Inputs:
+    """The input folders of a stage, picklable (what worker processes get instead of the StageContext)."""
+
+    def __init__(self, ctx: StageContext, names: tuple[str, ...]):
+        self.folders = {n: ctx.input(n) for n in names}
+
+    def input(self, name: str) -> Path:
+        return self.folders[name]
+
+
+def _worker_init() -> None:
+    import torch as _torch
+
+    _torch.set_flush_denormal(True)
+    _torch.set_num_threads(1)
+
+
+def _run_jobs(fn, jobs: list, workers: int) -> list:
+    """Run independent jobs in order, inline or in ``workers`` spawned processes with one torch thread each.
+
+    Every job seeds its own generators (and torch's global one, which peft's LoRA init uses), so the
+    results do not depend on the number of workers.
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(j) for j in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
+                             initializer=_worker_init) as pool:
+        return list(pool.map(fn, jobs))
+
+
+def _safety_job(job: dict) -> dict:
+    _imports()
+    ins, p, obj, seed = job["inputs"], SafetyParams(**job["params"]), job["objective"], job["seed"]
+    data = load_file(ins.input("prepare") / "data.safetensors")
+    c = _read_json(ins.input("prepare") / "data.json")["concept"]
+    x, y = data["train_x"], data["train_y"]
+    den, _ = _load_base(ins.input("pretrain"))
+    torch.manual_seed(1000 * seed + 17 + ("esd", "sdd").index(obj))  # the LoRA's random init
+    losses = []
+
+    def log(step, loss):
+        if step % 25 == 0:
+            losses.append((step, loss))
+
+    ml.train_safety_lora(den, x[y == c], ml.prompt_tokens("plain", y[y == c]), x[y != c],
+                         ml.prompt_tokens("plain", y[y != c]), obj, p.steps, p.lr, p.batch, p.rank,
+                         p.layers, _generator(1000 * seed + 17), esd_scale=p.esd_scale,
+                         preserve_weight=p.preserve_weight, ema_decay=p.sdd_ema_decay, on_step=log)
+    return {"state": _adapter_state(den.unet, ml.SAFETY), "losses": losses}
+
+
+def _finetune_job(job: dict) -> dict:
+    _imports()
+    ins, p, obj, seed, arm = (job["inputs"], FinetuneParams(**job["params"]), job["objective"], job["seed"],
+                              job["arm"])
+    data = load_file(ins.input("prepare") / "data.safetensors")
+    c = _read_json(ins.input("prepare") / "data.json")["concept"]
+    det = _load_detector(ins.input("prepare"))
+    fx, fy = data["ft_x"], ml.prompt_tokens(job["ft_style_token"], data["ft_y"])
+    every = max(1, p.steps // p.curve_points)
+    den, _ = _safe_unet(ins, obj, seed)
+    torch.manual_seed(1000 * seed + 29)  # the LoRA's random init
+    curve, losses = [], []
+
+    def probe(step, loss, unet):
+        if step % 25 == 0:
+            losses.append((step, loss))
+        if (step + 1) % every == 0 or step + 1 == p.steps:
+            d = ml.Denoiser(unet, den.text)
+            rates = {}
+            for style in ("plain", "new"):
+                h, _ = _prompts_hist(d, det, style, p.curve_samples, p.ddim_steps, p.guidance, 7, [c])
+                rates[style] = float(h[0, c])
+            curve.append({"step": step + 1, **rates})
+
+    lr = p.lr_full if arm == "full" else p.lr_lora
+    unet = ml.finetune_arm(arm, den.unet, den.text, fx, fy, p.steps, lr, p.batch, p.rank, p.layers,
+                           _generator(1000 * seed + 29), on_step=probe)
+    if arm == "full":
+        state = {k: v.contiguous() for k, v in unet.state_dict().items()}
+    else:
+        state = _adapter_state(unet, ml.FINETUNE)
+    return {"state": state, "curve": curve, "losses": losses}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # stages
 # ----------------------------------------------------------------------------------------------------------
@@ -287,32 +378,18 @@ def safety(ctx: StageContext, p: SafetyParams) -> None:
         from tasks.modular_lora_sd import safety_sd
         return safety_sd(ctx, p)
     _imports()
-    data = load_file(ctx.input("prepare") / "data.safetensors")
-    meta = _read_json(ctx.input("prepare") / "data.json")
-    c = meta["concept"]
-    x, y = data["train_x"], data["train_y"]
-    runs = []
-    for obj in p.objectives:
-        for seed in p.seeds:
-            den, _ = _load_base(ctx.input("pretrain"))
-            g = _generator(1000 * seed + 17)
-            bar = iter(ctx.progress(range(p.steps), desc=f"safety {obj} seed {seed}"))
-
-            def log(step, loss, obj=obj, seed=seed, bar=bar):
-                next(bar, None)
-                if step % 25 == 0:
-                    ctx.log_metrics({f"safety_loss_{obj}_s{seed}": loss}, step=step)
-
-            ml.train_safety_lora(den, x[y == c], ml.prompt_tokens("plain", y[y == c]), x[y != c],
-                                 ml.prompt_tokens("plain", y[y != c]), obj, p.steps, p.lr, p.batch, p.rank,
-                                 p.layers, g, esd_scale=p.esd_scale, preserve_weight=p.preserve_weight,
-                                 ema_decay=p.sdd_ema_decay, on_step=log)
-            save_file(_adapter_state(den.unet, ml.SAFETY), ctx.out_dir / f"safety_{obj}_s{seed}.safetensors")
-            runs.append({"objective": obj, "seed": seed})
+    ins = _Inputs(ctx, ("prepare", "pretrain"))
+    runs = [{"objective": obj, "seed": seed} for obj in p.objectives for seed in p.seeds]
+    jobs = [{"inputs": ins, "params": p.model_dump(), **r} for r in runs]
+    for r, res in zip(runs, _run_jobs(_safety_job, jobs, p.workers)):
+        obj, seed = r["objective"], r["seed"]
+        for step, loss in res["losses"]:
+            ctx.log_metrics({f"safety_loss_{obj}_s{seed}": loss}, step=step)
+        save_file(res["state"], ctx.out_dir / f"safety_{obj}_s{seed}.safetensors")
     _write_json(ctx.out_dir / "safety.json", {"runs": runs, "rank": p.rank, "layers": p.layers})
 
 
-def _safe_unet(ctx: StageContext, obj: str, seed: int) -> tuple[ml.Denoiser, dict]:
+def _safe_unet(ctx: StageContext | _Inputs, obj: str, seed: int) -> tuple[ml.Denoiser, dict]:
     den, meta = _load_base(ctx.input("pretrain"))
     s = _read_json(ctx.input("safety") / "safety.json")
     state = load_file(ctx.input("safety") / f"safety_{obj}_s{seed}.safetensors")
@@ -327,50 +404,29 @@ def finetune(ctx: StageContext, p: FinetuneParams) -> None:
         from tasks.modular_lora_sd import finetune_sd
         return finetune_sd(ctx, p)
     _imports()
-    data = load_file(ctx.input("prepare") / "data.safetensors")
-    meta = _read_json(ctx.input("prepare") / "data.json")
-    det = _load_detector(ctx.input("prepare"))
-    c = meta["concept"]
-    fx, fy = data["ft_x"], ml.prompt_tokens("new", data["ft_y"])
+    ins = _Inputs(ctx, ("prepare", "pretrain", "safety"))
     runs = _read_json(ctx.input("safety") / "safety.json")["runs"]
-    every = max(1, p.steps // p.curve_points)
-    curves, done_modular = {}, set()
+    jobs, done_modular = [], set()
     for run in runs:
         obj, seed = run["objective"], run["seed"]
         for arm in p.arms:
             # the modular fine-tuning LoRA trains on W0 alone: one per seed, shared by every safety objective
-            if arm == "modular" and seed in done_modular:
-                continue
-            den, _ = _safe_unet(ctx, obj, seed)
-            g = _generator(1000 * seed + 29)
-            key = f"{arm}_s{seed}" if arm == "modular" else f"{arm}_{obj}_s{seed}"
-            curve = []
-            bar = iter(ctx.progress(range(p.steps), desc=f"finetune {key}"))
-
-            def probe(step, loss, unet, key=key, curve=curve, bar=bar):
-                next(bar, None)
-                if step % 25 == 0:
-                    ctx.log_metrics({f"ft_loss_{key}": loss}, step=step)
-                if (step + 1) % every == 0 or step + 1 == p.steps:
-                    d = ml.Denoiser(unet, den.text)
-                    rates = {}
-                    for style in ("plain", "new"):
-                        h, _ = _prompts_hist(d, det, style, p.curve_samples, p.ddim_steps, p.guidance, 7, [c])
-                        rates[style] = float(h[0, c])
-                    curve.append({"step": step + 1, **rates})
-                    ctx.log_metrics({f"curve_{key}_plain": rates["plain"]}, step=step + 1)
-
-            lr = p.lr_full if arm == "full" else p.lr_lora
-            unet = ml.finetune_arm(arm, den.unet, den.text, fx, fy, p.steps, lr, p.batch, p.rank, p.layers, g,
-                                   on_step=probe)
-            if arm == "full":
-                state = {k: v.contiguous() for k, v in unet.state_dict().items()}
-            else:
-                state = _adapter_state(unet, ml.FINETUNE)
-            save_file(state, ctx.out_dir / f"{key}.safetensors")
-            curves[key] = curve
             if arm == "modular":
+                if seed in done_modular:
+                    continue
                 done_modular.add(seed)
+            key = f"{arm}_s{seed}" if arm == "modular" else f"{arm}_{obj}_s{seed}"
+            jobs.append({"inputs": ins, "params": p.model_dump(), "objective": obj, "seed": seed, "arm": arm,
+                         "key": key, "ft_style_token": "new"})
+    curves = {}
+    for job, res in zip(jobs, _run_jobs(_finetune_job, jobs, p.workers)):
+        key = job["key"]
+        for step, loss in res["losses"]:
+            ctx.log_metrics({f"ft_loss_{key}": loss}, step=step)
+        for pt in res["curve"]:
+            ctx.log_metrics({f"curve_{key}_plain": pt["plain"]}, step=pt["step"])
+        save_file(res["state"], ctx.out_dir / f"{key}.safetensors")
+        curves[key] = res["curve"]
     _write_json(ctx.out_dir / "finetune.json", {"curves": curves, "rank": p.rank, "layers": p.layers,
                                                 "arms": p.arms})
 

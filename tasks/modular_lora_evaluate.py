@@ -5,8 +5,9 @@ from pathlib import Path
 
 from tasks.core import StageContext, stage
 from tasks import modular_lora as base_mod
-from tasks.modular_lora import (PAPER, EvaluateParams, _imports, _load_adapter, _load_base, _load_detector,
-                                _prompts_hist, _read_json, _safe_unet, _source, _write_json)
+from tasks.modular_lora import (PAPER, EvaluateParams, _imports, _Inputs, _load_adapter, _load_base,
+                                _load_detector, _prompts_hist, _read_json, _run_jobs, _safe_unet, _source,
+                                _write_json)
 
 
 def _heavy():
@@ -15,7 +16,7 @@ def _heavy():
     np, torch, ml, load_file = base_mod.np, base_mod.torch, base_mod.ml, base_mod.load_file
 
 
-def _arm_models(ctx: StageContext, obj: str, seed: int, arms: list[str]) -> dict[str, ml.Denoiser]:
+def _arm_models(ctx: StageContext | _Inputs, obj: str, seed: int, arms: list[str]) -> dict[str, ml.Denoiser]:
     """Every model of one (objective, seed) as it is used at inference, plus the model-arithmetic checks."""
     ft_dir = ctx.input("finetune")
     ft = _read_json(ft_dir / "finetune.json")
@@ -69,6 +70,17 @@ def _model_metrics(den: ml.Denoiser, det: ml.DigitDetector, c: int, ft_digits: l
     }
     grid = torch.stack([ip.reshape(10, n, *ip.shape[1:])[:, 0], inew.reshape(10, n, *inew.shape[1:])[:, 0]])
     return m, {"plain": hp.round(4).tolist(), "new": hn.round(4).tolist()}, grid
+
+
+def _evaluate_job(job: dict) -> dict:
+    """Every model of one (objective, seed): metrics, per-prompt histograms and the first sample grid."""
+    _heavy()
+    ins, p = job["inputs"], EvaluateParams(**job["params"])
+    det = _load_detector(ins.input("prepare"))
+    out = {}
+    for name, den in _arm_models(ins, job["objective"], job["seed"], job["arms"]).items():
+        out[name] = _model_metrics(den, det, job["concept"], job["ft_digits"], job["real_feats"], p, job["eval_seed"])
+    return out
 
 
 def _claims(summary: dict, p: EvaluateParams) -> dict[str, bool]:
@@ -125,10 +137,13 @@ def evaluate(ctx: StageContext, p: EvaluateParams) -> None:
     base, _ = _load_base(ctx.input("pretrain"))
     per_run, hists, grids = {}, {}, {}
     base_m, hists["base"], grids["base"] = _model_metrics(base, det, c, ft_digits, real_feats, p, ctx.seed)
-    for run in ctx.progress(runs, desc="evaluate"):
+    ins = _Inputs(ctx, ("prepare", "pretrain", "safety", "finetune"))
+    jobs = [{"inputs": ins, "params": p.model_dump(), "objective": r["objective"], "seed": r["seed"],
+             "arms": ft["arms"], "concept": c, "ft_digits": ft_digits, "real_feats": real_feats,
+             "eval_seed": ctx.seed} for r in runs]
+    for run, res in zip(runs, _run_jobs(_evaluate_job, jobs, p.workers)):
         obj, seed = run["objective"], run["seed"]
-        for name, den in _arm_models(ctx, obj, seed, ft["arms"]).items():
-            m, h, grid = _model_metrics(den, det, c, ft_digits, real_feats, p, ctx.seed)
+        for name, (m, h, grid) in res.items():
             per_run.setdefault(obj, {}).setdefault(name, {})[str(seed)] = m
             hists[f"{name}_{obj}_s{seed}"] = h
             grids.setdefault(f"{name}_{obj}", grid)
