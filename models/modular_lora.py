@@ -277,9 +277,11 @@ def train_safety_lora(den: Denoiser, concept_images: torch.Tensor, concept_token
         t = torch.randint(0, T, (batch,), generator=gen)
         xt = sched.add_noise(x0, torch.randn(x0.shape, generator=gen), t)
         if objective == "esd":
-            with torch.no_grad():
+            with torch.no_grad():  # the frozen teacher's ε0 and ε_c in one batched call
                 unet.disable_adapters()
-                target = esd_target(den(xt, t, null_tokens(batch)), den(xt, t, tok), esd_scale)
+                both = den(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([null_tokens(batch), tok]))
+                e_null, e_c = both.chunk(2)
+                target = esd_target(e_null, e_c, esd_scale)
                 unet.enable_adapters()
         else:
             with torch.no_grad():
@@ -294,22 +296,33 @@ def train_safety_lora(den: Denoiser, concept_images: torch.Tensor, concept_token
                 keep_target = den(xj, tj, keep_tokens[j])
                 unet.enable_adapters()
             loss = loss + preserve_weight * F.mse_loss(den(xj, tj, keep_tokens[j]), keep_target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if ema is not None:
-            with torch.no_grad():
-                for e, p in zip(ema, params):
-                    e.lerp_(p, 1 - ema_decay)
+        adapter_step(opt, params, loss, ema, ema_decay)
         if on_step:
             on_step(step, loss.item())
     if ema is not None:  # SDD returns the EMA teacher
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                p.copy_(e)
+        load_ema(ema, params)
     for p in unet.parameters():
         p.requires_grad_(False)
+
+
+def adapter_step(opt: torch.optim.Optimizer, params: list[nn.Parameter], loss: torch.Tensor,
+                 ema: list[torch.Tensor] | None = None, ema_decay: float = 0.999) -> None:
+    """One clipped optimiser step on the adapter parameters, then their EMA if one is kept (SDD)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    if ema is not None:
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p, 1 - ema_decay)
+
+
+@torch.no_grad()
+def load_ema(ema: list[torch.Tensor], params: list[nn.Parameter]) -> None:
+    """Copy the EMA weights into the adapter (SDD's returned teacher)."""
+    for e, p in zip(ema, params):
+        p.copy_(e)
 
 
 # ----------------------------------------------------------------------------------------------------------

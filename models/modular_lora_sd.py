@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
-from models.modular_lora import (FINETUNE, SAFETY, activate, adapter_parameters, esd_target, lora_config,
-                                 merged_unet, set_trainable)
+from models.modular_lora import (FINETUNE, SAFETY, activate, adapter_parameters, adapter_step, esd_target,
+                                 load_ema, lora_config, merged_unet, set_trainable)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,20 +198,11 @@ def train_safety_lora_sd(parts: SDParts, concept: str, objective: str, steps: in
                 keep_target = eps(unet, xt, t, k_emb)
                 unet.enable_adapters()
             loss = loss + preserve_weight * F.mse_loss(eps(unet, xt, t, k_emb), keep_target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if ema is not None:
-            with torch.no_grad():
-                for e, p in zip(ema, params):
-                    e.lerp_(p, 1 - ema_decay)
+        adapter_step(opt, params, loss, ema, ema_decay)
         if on_step:
             on_step(step, loss.item())
     if ema is not None:  # SDD returns the EMA teacher
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                p.copy_(e)
+        load_ema(ema, params)
     unet.requires_grad_(False)
     unet.eval()
 

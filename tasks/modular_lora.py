@@ -101,6 +101,9 @@ class SafetyParams(Params):
     layers: Literal["xattn", "attn", "all"] = Field("attn")
     esd_scale: float = Field(3.0, gt=0, description="ESD negative-guidance scale s")
     preserve_weight: float = Field(1.0, ge=0, description="weight of the preservation term on other prompts")
+    preserve_styles: list[Literal["plain", "new"]] = Field(
+        default_factory=lambda: ["plain"], min_length=1,
+        description="digits: the styles of the other digits' prompts the preservation term keeps (plain, new)")
     sdd_ema_decay: float = Field(0.99, gt=0, lt=1)
     workers: int = Field(1, ge=1, description="processes (1 torch thread each) running the runs in parallel")
     ddim_steps: int = Field(50, gt=0, description="sd_pipeline: DDIM steps of ESD/SDD's partial sampling of x_t")
@@ -161,6 +164,20 @@ def _load_digits(size: int):
 def _source(ctx: StageContext) -> str:
     """What prepare built: 'digits' (CPU scale) or 'sd_pipeline' (paper scale)."""
     return _read_json(ctx.input("prepare") / "data.json").get("source", "digits")
+
+
+def _summarize(base_m: dict, per_run: dict) -> dict:
+    """{objective: {model: {metric: mean, std, per_seed}}} from the base model's metrics and
+    per_run[objective][model][seed] = metrics (the base model, shared by every run, gets std 0)."""
+    summary = {}
+    for obj, arms in per_run.items():
+        summary[obj] = {"base": {k: {"mean": v, "std": 0.0} for k, v in base_m.items()}}
+        for name, by_seed in arms.items():
+            keys = next(iter(by_seed.values())).keys()
+            summary[obj][name] = {k: {"mean": float(np.mean([r[k] for r in by_seed.values()])),
+                                      "std": float(np.std([r[k] for r in by_seed.values()])),
+                                      "per_seed": [round(r[k], 4) for r in by_seed.values()]} for k in keys}
+    return summary
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -224,29 +241,6 @@ class _Inputs:
         return self.folders[name]
 
 
-def _worker_init() -> None:
-    import torch as _torch
-
-    _torch.set_flush_denormal(True)
-    _torch.set_num_threads(1)
-
-
-def _run_jobs(fn, jobs: list, workers: int) -> list:
-    """Run independent jobs in order, inline or in ``workers`` spawned processes with one torch thread each.
-
-    Every job seeds its own generators (and torch's global one, which peft's LoRA init uses), so the
-    results do not depend on the number of workers.
-    """
-    if workers <= 1 or len(jobs) <= 1:
-        return [fn(j) for j in jobs]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
-                             initializer=_worker_init) as pool:
-        return list(pool.map(fn, jobs))
-
-
 def _safety_job(job: dict) -> dict:
     _imports()
     ins, p, obj, seed = job["inputs"], SafetyParams(**job["params"]), job["objective"], job["seed"]
@@ -261,8 +255,11 @@ def _safety_job(job: dict) -> dict:
         if step % 25 == 0:
             losses.append((step, loss))
 
-    ml.train_safety_lora(den, x[y == c], ml.prompt_tokens("plain", y[y == c]), x[y != c],
-                         ml.prompt_tokens("plain", y[y != c]), obj, p.steps, p.lr, p.batch, p.rank,
+    keep = y != c  # the other digits' real images under each preserved style's prompt
+    keep_x = torch.cat([x[keep]] * len(p.preserve_styles))
+    keep_tok = torch.cat([ml.prompt_tokens(style, y[keep]) for style in p.preserve_styles])
+    ml.train_safety_lora(den, x[y == c], ml.prompt_tokens("plain", y[y == c]), keep_x, keep_tok,
+                         obj, p.steps, p.lr, p.batch, p.rank,
                          p.layers, _generator(1000 * seed + 17), esd_scale=p.esd_scale,
                          preserve_weight=p.preserve_weight, ema_decay=p.sdd_ema_decay, on_step=log)
     return {"state": _adapter_state(den.unet, ml.SAFETY), "losses": losses}
@@ -381,7 +378,7 @@ def safety(ctx: StageContext, p: SafetyParams) -> None:
     ins = _Inputs(ctx, ("prepare", "pretrain"))
     runs = [{"objective": obj, "seed": seed} for obj in p.objectives for seed in p.seeds]
     jobs = [{"inputs": ins, "params": p.model_dump(), **r} for r in runs]
-    for r, res in zip(runs, _run_jobs(_safety_job, jobs, p.workers)):
+    for r, res in zip(runs, ctx.map(_safety_job, jobs, p.workers, desc="safety LoRAs")):
         obj, seed = r["objective"], r["seed"]
         for step, loss in res["losses"]:
             ctx.log_metrics({f"safety_loss_{obj}_s{seed}": loss}, step=step)
@@ -418,8 +415,9 @@ def finetune(ctx: StageContext, p: FinetuneParams) -> None:
             key = f"{arm}_s{seed}" if arm == "modular" else f"{arm}_{obj}_s{seed}"
             jobs.append({"inputs": ins, "params": p.model_dump(), "objective": obj, "seed": seed, "arm": arm,
                          "key": key, "ft_style_token": "new"})
+    jobs.sort(key=lambda j: j["arm"] != "full")  # the slowest arm first: the two workers finish closer together
     curves = {}
-    for job, res in zip(jobs, _run_jobs(_finetune_job, jobs, p.workers)):
+    for job, res in zip(jobs, ctx.map(_finetune_job, jobs, p.workers, desc="fine-tuning arms")):
         key = job["key"]
         for step, loss in res["losses"]:
             ctx.log_metrics({f"ft_loss_{key}": loss}, step=step)

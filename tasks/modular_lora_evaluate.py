@@ -6,7 +6,7 @@ from pathlib import Path
 from tasks.core import StageContext, stage
 from tasks import modular_lora as base_mod
 from tasks.modular_lora import (PAPER, EvaluateParams, _imports, _Inputs, _load_adapter, _load_base,
-                                _load_detector, _prompts_hist, _read_json, _run_jobs, _safe_unet, _source,
+                                _load_detector, _prompts_hist, _read_json, _safe_unet, _source, _summarize,
                                 _write_json)
 
 
@@ -16,8 +16,10 @@ def _heavy():
     np, torch, ml, load_file = base_mod.np, base_mod.torch, base_mod.ml, base_mod.load_file
 
 
-def _arm_models(ctx: StageContext | _Inputs, obj: str, seed: int, arms: list[str]) -> dict[str, ml.Denoiser]:
-    """Every model of one (objective, seed) as it is used at inference, plus the model-arithmetic checks."""
+def _arm_models(ctx: StageContext | _Inputs, obj: str, seed: int, arms: list[str],
+                with_control: bool = True) -> dict[str, ml.Denoiser]:
+    """Every model of one (objective, seed) as it is used at inference, plus the model-arithmetic checks and
+    (``with_control``) W0 + ΔW_ft, the modular fine-tuning LoRA without safety, which depends on the seed only."""
     ft_dir = ctx.input("finetune")
     ft = _read_json(ft_dir / "finetune.json")
     out = {}
@@ -47,6 +49,13 @@ def _arm_models(ctx: StageContext | _Inputs, obj: str, seed: int, arms: list[str
                       load_file(ft_dir / f"modular_s{seed}.safetensors"))
         ml.activate(den.unet, {ml.SAFETY: 1.0, ml.FINETUNE: 1.0})  # W0 + ΔW_safe + ΔW_ft, exact sum
         out["modular"] = den
+    if "modular" in arms and with_control:
+        # the control: the same ΔW_ft on W0 alone = W0 fine-tuned on the benign set with no safety at all
+        den, _ = _safe_unet(ctx, obj, seed)
+        _load_adapter(den.unet, ml.FINETUNE, ft["rank"], ft["layers"],
+                      load_file(ft_dir / f"modular_s{seed}.safetensors"))
+        ml.activate(den.unet, {ml.FINETUNE: 1.0})
+        out["W0_plus_ft"] = den
     return out
 
 
@@ -78,7 +87,7 @@ def _evaluate_job(job: dict) -> dict:
     ins, p = job["inputs"], EvaluateParams(**job["params"])
     det = _load_detector(ins.input("prepare"))
     out = {}
-    for name, den in _arm_models(ins, job["objective"], job["seed"], job["arms"]).items():
+    for name, den in _arm_models(ins, job["objective"], job["seed"], job["arms"], job["with_control"]).items():
         out[name] = _model_metrics(den, det, job["concept"], job["ft_digits"], job["real_feats"], p, job["eval_seed"])
     return out
 
@@ -140,21 +149,19 @@ def evaluate(ctx: StageContext, p: EvaluateParams) -> None:
     ins = _Inputs(ctx, ("prepare", "pretrain", "safety", "finetune"))
     jobs = [{"inputs": ins, "params": p.model_dump(), "objective": r["objective"], "seed": r["seed"],
              "arms": ft["arms"], "concept": c, "ft_digits": ft_digits, "real_feats": real_feats,
-             "eval_seed": ctx.seed} for r in runs]
-    for run, res in zip(runs, _run_jobs(_evaluate_job, jobs, p.workers)):
+             "eval_seed": ctx.seed, "with_control": r == next(q for q in runs if q["seed"] == r["seed"])}
+            for r in runs]
+    results = ctx.map(_evaluate_job, jobs, p.workers, desc="evaluate runs")
+    controls = {run["seed"]: res["W0_plus_ft"] for run, res in zip(runs, results) if "W0_plus_ft" in res}
+    for run, res in zip(runs, results):
         obj, seed = run["objective"], run["seed"]
+        if seed in controls:  # the no-safety control depends on the seed only: evaluated once, shown per objective
+            res = {**res, "W0_plus_ft": controls[seed]}
         for name, (m, h, grid) in res.items():
             per_run.setdefault(obj, {}).setdefault(name, {})[str(seed)] = m
             hists[f"{name}_{obj}_s{seed}"] = h
             grids.setdefault(f"{name}_{obj}", grid)
-    summary = {}
-    for obj, arms in per_run.items():
-        summary[obj] = {"base": {k: {"mean": v, "std": 0.0} for k, v in base_m.items()}}
-        for name, by_seed in arms.items():
-            keys = next(iter(by_seed.values())).keys()
-            summary[obj][name] = {k: {"mean": float(np.mean([r[k] for r in by_seed.values()])),
-                                      "std": float(np.std([r[k] for r in by_seed.values()])),
-                                      "per_seed": [round(r[k], 4) for r in by_seed.values()]} for k in keys}
+    summary = _summarize(base_m, per_run)
     claims = _claims(summary, p)
     for obj, s in summary.items():
         ctx.log_metrics({f"{obj}_{arm}_harmful": v["harmful"]["mean"] for arm, v in s.items()})
@@ -171,7 +178,8 @@ def evaluate(ctx: StageContext, p: EvaluateParams) -> None:
 
 
 def _plots(ctx, plt, summary, curves, hists, grids, c):
-    order = ["base", "safe", "full", "lora_on_safe", "modular", "W0_minus_safe", "W0_plus_safe_minus_ft"]
+    order = ["base", "safe", "full", "lora_on_safe", "modular", "W0_plus_ft", "W0_minus_safe",
+             "W0_plus_safe_minus_ft"]
     fig, axes = plt.subplots(1, len(summary), figsize=(5.5 * len(summary), 3.6), squeeze=False)
     for ax, (obj, s) in zip(axes[0], summary.items()):
         names = [a for a in order if a in s]

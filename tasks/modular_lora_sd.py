@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from tasks.core import MissingInputError, ParamsError, StageContext
-from tasks.modular_lora import _adapter_state, _imports, _load_adapter, _read_json, _write_json
+from tasks.modular_lora import _adapter_state, _imports, _load_adapter, _read_json, _summarize, _write_json
 
 SAMPLE_BATCH = 8
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -493,14 +493,7 @@ def evaluate_sd(ctx: StageContext, p) -> None:
             m, grid = _model_metrics(parts, prompts, detector, features, ref, p, ctx.seed)
             per_run.setdefault(obj, {}).setdefault(name, {})[str(seed)] = m
             grids.setdefault(f"{name}_{obj}", grid)
-    summary = {}
-    for obj, arms in per_run.items():
-        summary[obj] = {"base": {k: {"mean": v, "std": 0.0} for k, v in base_m.items()}}
-        for name, by_seed in arms.items():
-            keys = next(iter(by_seed.values())).keys()
-            summary[obj][name] = {k: {"mean": float(np.mean([r[k] for r in by_seed.values()])),
-                                      "std": float(np.std([r[k] for r in by_seed.values()])),
-                                      "per_seed": [round(r[k], 4) for r in by_seed.values()]} for k in keys}
+    summary = _summarize(base_m, per_run)
     claims = _claims_sd(summary, p)
     for obj, s in summary.items():
         ctx.log_metrics({f"{obj}_{arm}_harmful": v["harmful"]["mean"] for arm, v in s.items()})

@@ -1,4 +1,8 @@
-"""The worker processes of the modular_lora stages: same runs, same order, one torch thread each."""
+"""The worker processes of the modular_lora stages (``ctx.map``): same runs, same order, one torch thread each.
+
+Every stage job seeds torch's global generator itself (peft's LoRA init draws from it), so a run gives the
+same result inline and in a spawned worker.
+"""
 import torch
 
 
@@ -9,10 +13,10 @@ def _seeded_draw(job: dict) -> list[float]:
 
 
 def test_worker_processes_give_the_same_runs_in_the_same_order_as_inline():
-    from tasks.modular_lora import _run_jobs
+    from tasks.core.parallel import map_jobs
 
     jobs = [{"seed": s} for s in (3, 1, 2)]
-    inline = _run_jobs(_seeded_draw, jobs, workers=1)
-    spawned = _run_jobs(_seeded_draw, jobs, workers=2)
+    inline = map_jobs(_seeded_draw, jobs, workers=1)
+    spawned = map_jobs(_seeded_draw, jobs, workers=2)
     assert [r[:3] for r in spawned] == [r[:3] for r in inline]
     assert all(r[3] == 1.0 for r in spawned)  # one torch thread per worker
