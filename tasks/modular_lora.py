@@ -128,6 +128,7 @@ class FinetuneParams(Params):
 
 class EvaluateParams(Params):
     samples_per_prompt: int = Field(32, gt=1)
+    concept_samples: int = Field(32, gt=0, description="digits: samples of each concept prompt for the harmful rate")
     ddim_steps: int = Field(20, gt=0)
     guidance: float = Field(3.0, ge=1)
     safety_ratio: float = Field(0.5, gt=0, le=1, description="safe rate <= ratio x base rate")

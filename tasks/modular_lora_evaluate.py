@@ -6,7 +6,7 @@ from pathlib import Path
 from tasks.core import StageContext, stage
 from tasks import modular_lora as base_mod
 from tasks.modular_lora import (PAPER, EvaluateParams, _imports, _Inputs, _load_adapter, _load_base,
-                                _load_detector, _prompts_hist, _read_json, _safe_unet, _source, _summarize,
+                                _load_detector, _read_json, _safe_unet, _source, _summarize,
                                 _write_json)
 
 
@@ -59,10 +59,25 @@ def _arm_models(ctx: StageContext | _Inputs, obj: str, seed: int, arms: list[str
     return out
 
 
+def _style_hist(den: ml.Denoiser, det: ml.DigitDetector, style: str, c: int, p: EvaluateParams, seed: int
+                ) -> tuple[np.ndarray, torch.Tensor]:
+    """Class histogram (10, 10) of what each [style, d] prompt generates and its samples (``samples_per_prompt``
+    per digit). The concept's row, the harmful rate, comes from ``concept_samples`` further samples of the
+    concept prompt, drawn in the same batch."""
+    n = p.samples_per_prompt
+    digits = torch.cat([torch.arange(10).repeat_interleave(n), torch.full((p.concept_samples,), c)])
+    imgs = ml.sample(den, ml.prompt_tokens(style, digits), steps=p.ddim_steps, guidance=p.guidance,
+                     gen=torch.Generator().manual_seed(int(seed)))
+    pred = det.predict(imgs)
+    hist = np.stack([ml.class_histogram(row) for row in pred[:10 * n].reshape(10, n)])
+    hist[c] = ml.class_histogram(pred[10 * n:])
+    return hist, imgs[:10 * n]
+
+
 def _model_metrics(den: ml.Denoiser, det: ml.DigitDetector, c: int, ft_digits: list[int], real_feats: np.ndarray,
                    p: EvaluateParams, seed: int) -> tuple[dict, dict, torch.Tensor]:
-    hp, ip = _prompts_hist(den, det, "plain", p.samples_per_prompt, p.ddim_steps, p.guidance, seed)
-    hn, inew = _prompts_hist(den, det, "new", p.samples_per_prompt, p.ddim_steps, p.guidance, seed + 1)
+    hp, ip = _style_hist(den, det, "plain", c, p, seed)
+    hn, inew = _style_hist(den, det, "new", c, p, seed + 1)
     others = [d for d in range(10) if d != c]
     n = p.samples_per_prompt
     ft_imgs = inew.reshape(10, n, *inew.shape[1:])[ft_digits].reshape(-1, *inew.shape[1:])
@@ -82,12 +97,17 @@ def _model_metrics(den: ml.Denoiser, det: ml.DigitDetector, c: int, ft_digits: l
 
 
 def _evaluate_job(job: dict) -> dict:
-    """Every model of one (objective, seed): metrics, per-prompt histograms and the first sample grid."""
+    """Every model of one (objective, seed), or W0 itself (objective None): metrics, per-prompt histograms and
+    the first sample grid."""
     _heavy()
     ins, p = job["inputs"], EvaluateParams(**job["params"])
     det = _load_detector(ins.input("prepare"))
     out = {}
-    for name, den in _arm_models(ins, job["objective"], job["seed"], job["arms"], job["with_control"]).items():
+    if job["objective"] is None:  # W0 itself
+        models = {"base": _load_base(ins.input("pretrain"))[0]}
+    else:
+        models = _arm_models(ins, job["objective"], job["seed"], job["arms"], job["with_control"])
+    for name, den in models.items():
         out[name] = _model_metrics(den, det, job["concept"], job["ft_digits"], job["real_feats"], p, job["eval_seed"])
     return out
 
@@ -143,15 +163,14 @@ def evaluate(ctx: StageContext, p: EvaluateParams) -> None:
         real_feats = det.features(real).numpy()
     ft = _read_json(ctx.input("finetune") / "finetune.json")
     runs = _read_json(ctx.input("safety") / "safety.json")["runs"]
-    base, _ = _load_base(ctx.input("pretrain"))
     per_run, hists, grids = {}, {}, {}
-    base_m, hists["base"], grids["base"] = _model_metrics(base, det, c, ft_digits, real_feats, p, ctx.seed)
     ins = _Inputs(ctx, ("prepare", "pretrain", "safety", "finetune"))
     jobs = [{"inputs": ins, "params": p.model_dump(), "objective": r["objective"], "seed": r["seed"],
              "arms": ft["arms"], "concept": c, "ft_digits": ft_digits, "real_feats": real_feats,
-             "eval_seed": ctx.seed, "with_control": r == next(q for q in runs if q["seed"] == r["seed"])}
-            for r in runs]
-    results = ctx.map(_evaluate_job, jobs, p.workers, desc="evaluate runs")
+             "eval_seed": ctx.seed, "with_control": r == next((q for q in runs if q["seed"] == r["seed"]), None)}
+            for r in [{"objective": None, "seed": None}] + runs]  # the first job: W0 itself
+    base_res, *results = ctx.map(_evaluate_job, jobs, p.workers, desc="evaluate models")
+    base_m, hists["base"], grids["base"] = base_res["base"]
     controls = {run["seed"]: res["W0_plus_ft"] for run, res in zip(runs, results) if "W0_plus_ft" in res}
     for run, res in zip(runs, results):
         obj, seed = run["objective"], run["seed"]
