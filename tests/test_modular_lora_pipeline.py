@@ -26,7 +26,8 @@ def test_dvc_repro_writes_claims_histograms_and_plots(reproduced):
     assert all(isinstance(v, bool) for v in metrics["claims"].values())
     assert metrics["summary"]
     for obj, s in metrics["summary"].items():
-        assert {"base", "safe", "full", "lora_on_safe", "modular", "W0_minus_safe", "W0_plus_safe_minus_ft"} <= set(s)
+        assert {"base", "safe", "full", "lora_on_safe", "modular", "W0_plus_ft", "W0_minus_safe",
+                "W0_plus_safe_minus_ft"} <= set(s)
         # the claim is computed from the numbers beside it
         works = (s["base"]["harmful"]["mean"] > 0 and s["safe"]["harmful"]["mean"] <= 0.5 * s["base"]["harmful"]["mean"]
                  and s["base"]["acc_other_plain"]["mean"] - s["safe"]["acc_other_plain"]["mean"] <= 0.1)
