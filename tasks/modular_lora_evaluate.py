@@ -6,7 +6,7 @@ from pathlib import Path
 from tasks.core import StageContext, stage
 from tasks import modular_lora as base_mod
 from tasks.modular_lora import (PAPER, EvaluateParams, _imports, _Inputs, _load_adapter, _load_base,
-                                _load_detector, _read_json, _safe_unet, _source, _summarize,
+                                _generator, _load_detector, _read_json, _safe_unet, _source, _summarize,
                                 _write_json)
 
 
@@ -67,7 +67,7 @@ def _style_hist(den: ml.Denoiser, det: ml.DigitDetector, style: str, c: int, p: 
     n = p.samples_per_prompt
     digits = torch.cat([torch.arange(10).repeat_interleave(n), torch.full((p.concept_samples,), c)])
     imgs = ml.sample(den, ml.prompt_tokens(style, digits), steps=p.ddim_steps, guidance=p.guidance,
-                     gen=torch.Generator().manual_seed(int(seed)))
+                     gen=_generator(seed))
     pred = det.predict(imgs)
     hist = np.stack([ml.class_histogram(row) for row in pred[:10 * n].reshape(10, n)])
     hist[c] = ml.class_histogram(pred[10 * n:])
