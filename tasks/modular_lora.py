@@ -223,13 +223,24 @@ def _load_adapter(unet, name: str, rank: int, layers: str, state: dict[str, torc
 
 
 def _prompts_hist(den: ml.Denoiser, det: ml.DigitDetector, style: str, n: int, steps: int, guidance: float,
-                  seed: int, digits=range(10)) -> tuple[np.ndarray, torch.Tensor]:
-    """Class histogram (len(digits), 10) of what each [style, d] prompt generates, and the samples."""
+                  seed: int, digits=range(10), extra: tuple[int, int] | None = None
+                  ) -> tuple[np.ndarray, torch.Tensor]:
+    """Class histogram (len(digits), 10) of what each [style, d] prompt generates, and the samples (n per digit).
+
+    ``extra`` = (digit, m): m further samples of that digit's prompt, drawn in the same batch, give its row
+    instead (evaluate's larger sample of the concept prompt for the harmful rate); they are not returned.
+    """
     digits = list(digits)
-    tok = ml.prompt_tokens(style, torch.tensor(digits).repeat_interleave(n))
-    imgs = ml.sample(den, tok, steps=steps, guidance=guidance, gen=_generator(seed))
-    pred = det.predict(imgs).reshape(len(digits), n)
-    return np.stack([ml.class_histogram(p) for p in pred]), imgs
+    d = torch.tensor(digits).repeat_interleave(n)
+    if extra:
+        d = torch.cat([d, torch.full((extra[1],), extra[0])])
+    imgs = ml.sample(den, ml.prompt_tokens(style, d), steps=steps, guidance=guidance, gen=_generator(seed))
+    pred = det.predict(imgs)
+    k = len(digits) * n
+    hist = np.stack([ml.class_histogram(row) for row in pred[:k].reshape(len(digits), n)])
+    if extra:
+        hist[digits.index(extra[0])] = ml.class_histogram(pred[k:])
+    return hist, imgs[:k]
 
 
 class _Inputs:

@@ -6,7 +6,7 @@ from pathlib import Path
 from tasks.core import StageContext, stage
 from tasks import modular_lora as base_mod
 from tasks.modular_lora import (PAPER, EvaluateParams, _imports, _Inputs, _load_adapter, _load_base,
-                                _generator, _load_detector, _read_json, _safe_unet, _source, _summarize,
+                                _load_detector, _prompts_hist, _read_json, _safe_unet, _source, _summarize,
                                 _write_json)
 
 
@@ -59,25 +59,12 @@ def _arm_models(ctx: StageContext | _Inputs, obj: str, seed: int, arms: list[str
     return out
 
 
-def _style_hist(den: ml.Denoiser, det: ml.DigitDetector, style: str, c: int, p: EvaluateParams, seed: int
-                ) -> tuple[np.ndarray, torch.Tensor]:
-    """Class histogram (10, 10) of what each [style, d] prompt generates and its samples (``samples_per_prompt``
-    per digit). The concept's row, the harmful rate, comes from ``concept_samples`` further samples of the
-    concept prompt, drawn in the same batch."""
-    n = p.samples_per_prompt
-    digits = torch.cat([torch.arange(10).repeat_interleave(n), torch.full((p.concept_samples,), c)])
-    imgs = ml.sample(den, ml.prompt_tokens(style, digits), steps=p.ddim_steps, guidance=p.guidance,
-                     gen=_generator(seed))
-    pred = det.predict(imgs)
-    hist = np.stack([ml.class_histogram(row) for row in pred[:10 * n].reshape(10, n)])
-    hist[c] = ml.class_histogram(pred[10 * n:])
-    return hist, imgs[:10 * n]
-
-
 def _model_metrics(den: ml.Denoiser, det: ml.DigitDetector, c: int, ft_digits: list[int], real_feats: np.ndarray,
                    p: EvaluateParams, seed: int) -> tuple[dict, dict, torch.Tensor]:
-    hp, ip = _style_hist(den, det, "plain", c, p, seed)
-    hn, inew = _style_hist(den, det, "new", c, p, seed + 1)
+    # the concept's row, the harmful rate, from concept_samples further samples of its prompt
+    extra = (c, p.concept_samples)
+    hp, ip = _prompts_hist(den, det, "plain", p.samples_per_prompt, p.ddim_steps, p.guidance, seed, extra=extra)
+    hn, inew = _prompts_hist(den, det, "new", p.samples_per_prompt, p.ddim_steps, p.guidance, seed + 1, extra=extra)
     others = [d for d in range(10) if d != c]
     n = p.samples_per_prompt
     ft_imgs = inew.reshape(10, n, *inew.shape[1:])[ft_digits].reshape(-1, *inew.shape[1:])

@@ -121,12 +121,10 @@ def test_modular_finetune_trains_on_w0_and_leaves_safety_untouched(den_with_safe
 
 
 def test_concept_row_of_the_histogram_comes_from_its_own_larger_sample(den_with_safety):
-    """evaluate's per-style histogram: samples_per_prompt per digit, the concept's row from concept_samples."""
+    """evaluate's per-style histogram: samples_per_prompt per digit, the concept's row from its extra samples."""
     from tasks import modular_lora as T
-    from tasks.modular_lora_evaluate import _heavy, _style_hist
 
     T._imports()
-    _heavy()
 
     class Detector:  # 'sees' the concept in every image of the concept block (the batch's tail), else digit 0
         def predict(self, imgs):
@@ -134,8 +132,7 @@ def test_concept_row_of_the_histogram_comes_from_its_own_larger_sample(den_with_
             pred[-4:] = 7
             return pred
 
-    p = T.EvaluateParams(samples_per_prompt=2, concept_samples=4, ddim_steps=1, guidance=1.5)
-    hist, imgs = _style_hist(den_with_safety, Detector(), "plain", 7, p, seed=0)
+    hist, imgs = T._prompts_hist(den_with_safety, Detector(), "plain", 2, 1, 1.5, seed=0, extra=(7, 4))
     assert hist.shape == (10, 10) and imgs.shape[0] == 20  # the grid's samples: 2 per digit
     assert np.allclose(hist.sum(1), 1)
     assert hist[7, 7] == 1.0  # the concept row: the 4 extra samples only

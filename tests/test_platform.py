@@ -169,7 +169,6 @@ def test_scale_switch_rewrites_params_and_keeps_comments(tmp_path):
     assert "-S 'lowprec_ensemble.train.model=pretrained'" in flags
 
 
-
 def test_map_jobs_keeps_order_uses_one_thread_per_worker_and_raises_failures():
     from tasks.core.parallel import map_jobs
     from tests._jobs import square as _square_in_worker
@@ -180,6 +179,10 @@ def test_map_jobs_keeps_order_uses_one_thread_per_worker_and_raises_failures():
     assert all(r[1] == 1 for r in out)
     assert sorted(seen) == [0, 1, 2]
     assert [r[0] for r in map_jobs(_square_in_worker, [3, 1], workers=1)] == [9, 1]  # in-process path
+    # a job that seeds torch's global generator itself gives the same result inline and in a worker
+    from tests._jobs import seeded_draw
+
+    assert map_jobs(seeded_draw, [3, 1, 2], workers=2) == map_jobs(seeded_draw, [3, 1, 2], workers=1)
     with pytest.raises(ValueError, match="job -1 failed"):
         map_jobs(_square_in_worker, [1, -1], workers=2)
     with pytest.raises(ValueError, match="workers"):
