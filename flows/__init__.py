@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from tasks.core.registry import PAPER_MODULES
 
 
 def get_flow(paper: str):

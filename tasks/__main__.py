@@ -11,13 +11,10 @@ from .core import errors
 
 
 def _papers_help() -> str:
-    from .core.registry import load_all
+    from .core.registry import papers  # discovered without importing any stage
 
-    lines = []
-    for paper, stages in sorted(load_all().items()):
-        names = ", ".join(f"{s}{' [gpu]' if st.gpu else ''}" for s, st in stages.items())
-        lines.append(f"  {paper}: {names}")
-    return "registered papers and stages:\n" + "\n".join(lines)
+    return ("papers (`python -m tasks list <paper>` shows its stages and parameters):\n"
+            + "\n".join(f"  {p}" for p in papers()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,20 +39,24 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("scale", choices=["smoke", "cpu", "paper"])
     sc.add_argument("--paper", action="append", dest="papers", help="only this paper (repeatable)")
     sc.add_argument("--print", action="store_true", help="print -S flags, change nothing")
-    sub.add_parser("claims", help="print every paper's claims from results/<paper>/metrics.json",
-                   description="A markdown table of the claims in results/*/metrics.json.")
+    cl = sub.add_parser("claims", help="print every paper's claims from results/<paper>/metrics.json",
+                        description="A markdown table of the claims in results/*/metrics.json: verdict, "
+                                    "effect with its 95%% CI against the margin, n, and the gate or "
+                                    "reason of an untestable claim.")
+    cl.add_argument("--readme", action="store_true",
+                    help="rewrite the README's generated results table instead of printing")
     return parser
 
 
-def _claims() -> None:
-    import json
-
+def _claims(readme: bool) -> None:
+    from .report import claims_table, update_readme
     from .core.settings import find_root
 
-    print("| paper | claim | holds |\n|---|---|---|")
-    for path in sorted((find_root() / "results").glob("*/metrics.json")):
-        for claim, ok in json.loads(path.read_text()).get("claims", {}).items():
-            print(f"| {path.parent.name} | `{claim}` | {'yes' if ok else 'no'} |")
+    root = find_root()
+    if readme:
+        print("README.md results table " + ("updated" if update_readme(root) else "already up to date"))
+    else:
+        print(claims_table(root), end="")
 
 
 def _list(paper: str | None) -> None:
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run_stage(args.paper, args.stage, track=not args.no_mlflow)
         elif args.command == "claims":
-            _claims()
+            _claims(args.readme)
         elif args.command == "list":
             _list(args.paper)
         elif args.command == "scale":

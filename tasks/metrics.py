@@ -7,6 +7,13 @@ from scipy import linalg
 EPS = 1e-12
 
 
+def mean_std(values) -> dict[str, float]:
+    """The project's summary of a metric over seeds: mean and sample standard deviation (ddof=1;
+    0 for a single value)."""
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0}
+
+
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log-likelihood of the true class."""
     p = np.asarray(probs, dtype=np.float64)[np.arange(len(labels)), labels]

@@ -111,16 +111,28 @@ class StageContext:
         self.figures.append(path)
         return path
 
-    def write_metrics(self, metrics: dict) -> Path:
-        """results/<paper>/metrics.json; must hold a ``claims`` dict of booleans."""
+    def write_metrics(self, claims, gates=(), headline: dict | None = None,
+                      evidence: dict | None = None) -> Path:
+        """results/<paper>/metrics.json: ``claims`` (true/false/null), ``claims_detail`` (effect, CI,
+        margin, n, gate and reason), ``gates`` and at most ``HEADLINE_LIMIT`` headline numbers named
+        as the paper's tables name them; everything else goes to ``evidence.json`` beside it (logged
+        to MLflow with the results folder)."""
+        from .claims import payload
+
         if self.results_dir is None:
             raise RuntimeError(f"{self.stage.dvc_name} is not the terminal stage; only evaluate "
                                f"writes results/{self.paper}/metrics.json")
-        claims = metrics.get("claims")
-        if not isinstance(claims, dict) or not all(isinstance(v, bool) for v in claims.values()):
-            raise ValueError("metrics.json needs a 'claims' object mapping claim names to booleans")
+        headline = dict(headline or {})
+        leaves = _count_leaves(headline)
+        if leaves > HEADLINE_LIMIT:
+            raise ValueError(f"metrics.json takes at most {HEADLINE_LIMIT} headline numbers, got {leaves}: "
+                             f"move the rest to evidence")
+        data = payload(claims, gates)
+        data["headline"] = headline
         path = self.results_dir / "metrics.json"
-        io.write_json(path, metrics)
+        io.write_json(path, data)
+        if evidence is not None:
+            io.write_json(self.results_dir / "evidence.json", evidence)
         return path
 
     def results_file(self, name: str) -> Path:
@@ -129,6 +141,17 @@ class StageContext:
         path = self.results_dir / name
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
+
+
+HEADLINE_LIMIT = 30
+
+
+def _count_leaves(d) -> int:
+    if isinstance(d, dict):
+        return sum(_count_leaves(v) for v in d.values())
+    if isinstance(d, (list, tuple)):
+        return sum(_count_leaves(v) for v in d)
+    return 1
 
 
 def load_stage_params(root: Path, stage: Stage, data: dict | None = None):

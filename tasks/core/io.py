@@ -91,6 +91,22 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+def save_state(path: Path, state: dict) -> None:
+    """A dict of tensors as safetensors, atomically (tensors are detached, moved to the CPU and made
+    contiguous; the one way stages save weights)."""
+    from safetensors.torch import save
+
+    with atomic_file(path, "wb") as fh:
+        fh.write(save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
+
+
+def load_state(path: Path, device: str = "cpu") -> dict:
+    """Tensors saved by :func:`save_state` (safetensors: nothing is unpickled)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device=str(device))
+
+
 def new_tmp_dir(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{final.name}{TMP_MARK}", dir=final.parent))

@@ -21,8 +21,8 @@ class Params(BaseModel):
 
 class GlobalParams(Params):
     seed: int = Field(ge=0, description="base random seed of every stage")
-    device: Literal["auto", "cpu", "cuda"] | str = Field(
-        description="'auto' picks CUDA when visible, else CPU; or a torch device string like 'cuda:1'")
+    device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="'auto' picks CUDA when visible, else CPU; 'cpu', 'cuda' or 'cuda:N'")
 
 
 def load_yaml(path: Path) -> dict:
@@ -107,4 +107,4 @@ def validate_globals(data: dict, source: str = "params.yaml") -> GlobalParams:
     except ValidationError as exc:
         msgs = "; ".join(f"'{e['loc'][0]}' = {e.get('input')!r}: {e['msg']}" for e in exc.errors())
         raise ParamsError(f"Invalid global parameters in {source}: {msgs}. Set top-level 'seed' "
-                          f"(integer >= 0) and 'device' ('auto', 'cpu' or 'cuda').") from exc
+                          f"(integer >= 0) and 'device' ('auto', 'cpu', 'cuda' or 'cuda:N').") from exc
