@@ -316,12 +316,18 @@ def run_paper(paper: str, stages: list[str] | None = None, scale: str = "cpu",
                                                     [r["stage"] for r in results], logger.info)
     metrics_path = root_path / "results" / paper / "metrics.json"
     if metrics_path.is_file():
-        claims = json.loads(metrics_path.read_text()).get("claims", {})
-        summary["claims"] = claims
-        rows = "\n".join(f"| {k} | {'holds' if v else 'does not hold'} |" for k, v in claims.items())
-        create_markdown_artifact(key=paper.replace("_", "-") + "-claims",
-                                 markdown=f"# {paper}: claims\n\n| claim | result |\n|---|---|\n{rows}\n",
-                                 description=f"claims of {paper} after this run")
+        metrics = json.loads(metrics_path.read_text())
+        summary["claims"] = metrics.get("claims", {})
+        from tasks.report import VERDICT, describe
+
+        details = metrics.get("claims_detail", {})
+        rows = "\n".join(f"| {k} | {VERDICT[v]} | {describe(details[k]) if k in details else ''} | "
+                         f"{details.get(k, {}).get('reason') or ''} |" for k, v in summary["claims"].items())
+        create_markdown_artifact(
+            key=paper.replace("_", "-") + "-claims",
+            markdown=f"# {paper}: claims (scale: {scale})\n\n| claim | verdict | effect [95% CI] vs margin | "
+                     f"reason |\n|---|---|---|---|\n{rows}\n",
+            description=f"claims of {paper} after this run")
     create_markdown_artifact(key="flow-run-report", markdown=json.dumps(summary, default=str),
                              description=f"{paper}: stages, timings, MLflow parent run, claims")
     logger.info("%s: %d stage(s) ran, %d skipped; flow %.1f s, stage functions %.1f s", paper,

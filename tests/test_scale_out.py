@@ -89,7 +89,7 @@ def test_killed_stage_fails_the_flow_and_rerun_matches(tmp_path, smoke_repo, mlf
         dvc(smoke_repo, "repro", f"{PAPER}-evaluate")
     ours = json.loads((repo / "results" / PAPER / "metrics.json").read_text())
     ref = json.loads((smoke_repo / "results" / PAPER / "metrics.json").read_text())
-    assert ours["evidence"] == ref["evidence"] and ours["claims"] == ref["claims"]
+    assert ours["headline"] == ref["headline"] and ours["claims_detail"] == ref["claims_detail"]
 
 
 def test_workers_in_two_clones_share_a_dvc_remote_and_mlflow(tmp_path):
