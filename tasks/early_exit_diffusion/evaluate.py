@@ -62,7 +62,7 @@ def evaluate(ctx: StageContext, p: EvaluateParams) -> None:
     gates = base_quality_gates(summary, meta.fd_proxy_floor, p.base_label_accuracy_min, p.base_fd_ratio_max)
     claims = compute_claims(rows, samplers, speedup=p.speedup_threshold, quality=p.quality_tolerance,
                             finetuning=p.finetuning_fd_ratio, direction=p.direction_fd_ratio, gates=gates)
-    ctx.log_metrics({f"claim_{c.name}_effect": c.effect for c in claims})
+    ctx.log_metrics({f"effect_{c.name}": c.effect for c in claims})
 
     compute_fraction = sum(ft_meta.schedule) / (len(ft_meta.schedule) * base_meta.num_layers)
     ctx.write_metrics(claims, gates, headline=headline_numbers(summary, meta, compute_fraction), evidence={
