@@ -235,6 +235,10 @@ class ParentRun:
         mlflow.set_tracking_uri(tracking_uri(root))
         self.client = MlflowClient(tracking_uri(root))
         exp = mlflow.set_experiment(paper)
+        from tasks.core.tracking import EXPERIMENT_KIND
+
+        if exp.tags.get(EXPERIMENT_KIND) != "custom_model_development":  # the UI opens on training runs
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
         run = self.client.create_run(exp.experiment_id, run_name=run_name,
                                      tags={"paper": paper, "kind": "flow", **tags})
         self.run_id = run.info.run_id

@@ -8,6 +8,7 @@ from typing import Any
 
 PARENT_RUN_ENV = "PAPERFLOWS_MLFLOW_PARENT_RUN_ID"
 TRACKING_DISABLED_ENV = "PAPERFLOWS_NO_MLFLOW"
+EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
 def git_commit(root: Path) -> str:
@@ -76,6 +77,8 @@ class Tracker:
         self.mlflow = mlflow
         mlflow.set_tracking_uri(tracking_uri(root))
         exp = mlflow.set_experiment(experiment)
+        if exp.tags.get(EXPERIMENT_KIND) != "custom_model_development":  # the UI opens on training runs
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
         end_orphaned_runs(exp.experiment_id, tags.get("dvc_stage", run_name), tags.get("workspace", ""))
         parent = os.environ.get(PARENT_RUN_ENV) or None
         self.run = mlflow.start_run(run_name=run_name, parent_run_id=parent, nested=parent is not None,
