@@ -99,3 +99,37 @@ def run_flow_with_children(flow_fn, paper: str, stages: list[str], repo: Path, m
                               filter_string=f"tags.mlflow.parentRunId = '{result['mlflow_parent_run_id']}'")
     assert sorted(runs["tags.mlflow.runName"]) == sorted(names)
     return result, runs
+
+
+def snapshot_outputs(repo: Path, paper: str) -> dict[str, bytes]:
+    """Every file of results/<paper>/ and artifacts/<paper>/ (relative path -> bytes)."""
+    out = {}
+    for top in (repo / "results" / paper, repo / "artifacts" / paper):
+        for path in sorted(top.rglob("*")) if top.is_dir() else []:
+            if path.is_file():
+                out[str(path.relative_to(repo))] = path.read_bytes()
+    return out
+
+
+def assert_poisoned_param_keeps_outputs(repo: Path, paper: str, stage: str = "evaluate") -> None:
+    """Poison one number of ``paper.stage`` in params.yaml: `dvc repro <paper>-evaluate` fails with the
+    stage's exit code 2 and a message naming the key, and results/<paper>/ and every artifact folder
+    of the paper are byte-identical to before (DVC keeps persisted outputs; the stage writes nothing)."""
+    import yaml
+
+    before = snapshot_outputs(repo, paper)
+    assert any(k.startswith("results/") for k in before), "run the paper first"
+    original = (repo / "params.yaml").read_bytes()
+    data = yaml.safe_load(original)
+    section = data[paper][stage]
+    key = next(k for k, v in section.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    section[key] = "poison"
+    (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    try:
+        proc = dvc(repo, "repro", f"{paper}-evaluate", check=False)
+    finally:
+        (repo / "params.yaml").write_bytes(original)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "exited with 2" in text, text[-2000:]
+    assert f"'{paper}.{stage}.{key}' = 'poison'" in text, text[-2000:]
+    assert snapshot_outputs(repo, paper) == before

@@ -30,9 +30,13 @@ def test_stage_command_params_and_outs(st):
     outs = [o if isinstance(o, str) else next(iter(o)) for o in entry["outs"]]
     assert f"artifacts/{st.paper}/{st.name}" in outs
     if st.writes_results:  # results/<paper> in git, and a cached copy in the artifact for remotes
-        assert {f"results/{st.paper}": {"cache": False}} in entry["outs"]
+        assert {f"results/{st.paper}": {"cache": False, "persist": True}} in entry["outs"]
     for name in st.inputs:
         assert f"artifacts/{st.paper}/{name}" in entry["deps"], f"{st.dvc_name} reads {name}"
+    # DVC must not delete a stage's outputs before running it: a stage that fails (a bad param, a kill)
+    # then leaves the previous outputs in place (the stage itself writes atomically)
+    for out in entry["outs"]:
+        assert isinstance(out, dict) and next(iter(out.values())).get("persist") is True, out
 
 
 def _imports_of(nodes) -> set[str]:

@@ -92,6 +92,13 @@ GOOD_FD = _same({"full": 10.0, "naive": 30.0, "ase": 10.3, "reversed": 20.0, "fu
 GOOD_SPEED = _same({"full": 100.0, "naive": 140.0, "ase": 140.0, "reversed": 140.0, "full_control": 100.0})
 
 
+def test_a_poisoned_param_fails_the_repro_and_keeps_every_output(smoke_repo):
+    from tests.conftest import assert_poisoned_param_keeps_outputs
+
+    dvc(smoke_repo, "repro", f"{PAPER}-evaluate")  # up to date after the test above
+    assert_poisoned_param_keeps_outputs(smoke_repo, PAPER)
+
+
 def test_claims_follow_the_numbers_for_every_sampler():
     out = _claims(_rows(GOOD_FD, GOOD_SPEED))
     assert out["claims"] == {"ase_faster": True, "ase_quality_kept": True, "finetuning_needed": True,

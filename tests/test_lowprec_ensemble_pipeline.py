@@ -82,6 +82,12 @@ def test_claims_on_hand_made_predictions():
     assert claims["lpe_gain_grows_with_width"].verdict is None  # gate: no width sweep
 
 
+def test_a_poisoned_param_fails_the_repro_and_keeps_every_output(reproduced):
+    from tests.conftest import assert_poisoned_param_keeps_outputs
+
+    assert_poisoned_param_keeps_outputs(reproduced, PAPER)
+
+
 def test_second_repro_does_nothing(reproduced):
     out = dvc(reproduced, "repro", f"{PAPER}-evaluate").stdout
     assert "didn't change" in out or "is up to date" in out
