@@ -5,8 +5,8 @@ import pytest
 import torch
 import torchsde
 
-from models.acssm import (ACSSM, GRUDelta, LinearLatentSDE, LossWeights, TorchsdeLatentSDE, affine_scan,
-                          affine_sequential, check_series, time_gaps)
+from models.acssm.networks import ACSSM, GRUDelta, LossWeights, TorchsdeLatentSDE
+from models.acssm.sde import LinearLatentSDE, affine_scan, affine_sequential, check_series, time_gaps
 
 torch.set_flush_denormal(True)
 

@@ -26,24 +26,107 @@ def _smoke_params() -> dict:
 
 @pytest.mark.slow
 def test_dvc_repro_writes_metrics_claims_and_plots(smoke_repo):
+    from tasks.core.claims import rederive
+    from tasks.core.context import HEADLINE_LIMIT, _count_leaves
+
     dvc(smoke_repo, "repro", f"{PAPER}-evaluate")
     res = smoke_repo / "results" / PAPER
     metrics = json.loads((res / "metrics.json").read_text())
+    evidence = json.loads((res / "evidence.json").read_text())
     assert set(metrics["claims"]) == CLAIMS
-    test = metrics["test"]
-    # claims are computed from the numbers stored beside them
-    for task, better in (("interpolation", min), ("extrapolation", min), ("regression", min),
-                         ("classification", max)):
+    assert set(metrics) == {"claims", "claims_detail", "gates", "headline"}
+    assert _count_leaves(metrics["headline"]) <= HEADLINE_LIMIT
+    margins = yaml.safe_load((smoke_repo / "params.yaml").read_text())[PAPER]["evaluate"]
+    # every verdict follows from its own CI, margin and gate
+    for name, verdict in metrics["claims"].items():
+        assert rederive(metrics["claims_detail"][name]) == verdict, name
+    # the gates: ACSSM's skill over the task's trivial reference, from the numbers stored beside them
+    test, seeds = evidence["test"], evidence["seeds"]
+    assert seeds == [0, 1]
+    for task, trivial in (("classification", "majority_class"), ("regression", "last_value"),
+                          ("interpolation", "linear_interpolation"), ("extrapolation", "last_value")):
+        g = metrics["gates"][f"{task}_skill_over_{trivial}"]
+        a, ref = test[task]["acssm"]["mean"], test[task][trivial]["mean"]
+        skill = (a - ref) / (1 - ref) if task == "classification" else 1 - a / ref
+        assert g["value"] == pytest.approx(skill, abs=1e-5) and g["threshold"] == margins["min_skill"]
+        assert g["passed"] == (skill >= margins["min_skill"])
+        # claims are paired per seed against each baseline, from the per-seed scores beside them
+        detail = metrics["claims_detail"][f"acssm_beats_baselines_{task}"]
+        assert set(detail["parts"]) == {"gru_dt", "latent_sde"}
+        for base, part in detail["parts"].items():
+            sign = 1 if task == "classification" else -1
+            diffs = [sign * (x - y) for x, y in zip(test[task]["acssm"]["per_seed"], test[task][base]["per_seed"])]
+            assert part["effect"] == pytest.approx(np.mean(diffs), abs=1e-5) and part["n"] == len(seeds)
+            assert part["margin"] == margins["accuracy_margin" if task == "classification" else "mse_margin"]
+            if not g["passed"]:
+                assert part["verdict"] is None and part["gate"] == f"{task}_skill_over_{trivial}"
         means = {m: test[task][m]["mean"] for m in ("acssm", "gru_dt", "latent_sde")}
-        assert metrics["claims"][f"acssm_beats_baselines_{task}"] == (
-            better(means, key=means.get) == "acssm" and len(set(means.values())) == 3)
-    assert metrics["claims"]["simulation_free_speedup"] == (
-        metrics["speed"]["latent_sde_over_acssm_sec_per_epoch"] >= 5.0)
+        if metrics["claims"][f"acssm_beats_baselines_{task}"]:    # a CI win is also a win on the means
+            better = max if task == "classification" else min
+            assert better(means, key=means.get) == "acssm"
+    speed = metrics["claims_detail"]["simulation_free_speedup"]
+    per_seed = [np.mean([evidence["speed"]["per_task_per_seed"][t][str(s)] for t in test]) for s in seeds]
+    assert speed["effect"] == pytest.approx(np.mean(per_seed), abs=1e-5)
+    assert speed["margin"] == margins["speedup_factor"] and speed["n"] == len(seeds)
     for png in ("trajectories_regression.png", "latent_interpolation.png"):
         assert (res / "plots" / png).stat().st_size > 1000
     assert json.loads((res / "curves" / "latent_variance_regression.json").read_text())
+    meta = json.loads((smoke_repo / "artifacts" / PAPER / "prepare" / "meta.json").read_text())
+    assert meta["interpolation"]["channels"] == ["co2_ppm", "elnino_sst_c"]
     out = dvc(smoke_repo, "repro", f"{PAPER}-evaluate").stdout
     assert "Running stage" not in out
+
+
+def _scores(acssm, gru, sde, trivial, task="regression"):
+    from tasks.acssm.evaluate import Scores
+
+    return Scores(seeds=list(range(len(acssm))),
+                  per_seed={task: {"acssm": acssm, "gru_dt": gru, "latent_sde": sde}}, trivial={task: trivial})
+
+
+def _params(**kw):
+    from tasks.acssm.evaluate import EvaluateParams
+
+    return EvaluateParams(**{**dict(speedup_factor=5.0, accuracy_margin=0.0, mse_margin=0.0, min_skill=0.0,
+                                    n_plot_series=1), **kw})
+
+
+def test_beats_baselines_needs_a_per_seed_ci_past_the_margin_for_every_baseline():
+    from tasks.acssm.evaluate import decide_claims
+
+    clear = _scores([0.50, 0.52, 0.51], [0.60, 0.63, 0.61], [0.55, 0.57, 0.56], trivial=1.0)
+    (claim,), (g,) = decide_claims(clear, {}, _params())
+    assert claim.verdict is True and g.passed and set(claim.parts) == {"gru_dt", "latent_sde"}
+    assert claim.parts["latent_sde"].effect == pytest.approx(0.05)            # MSE reduction, paired
+    (claim,), _ = decide_claims(clear, {}, _params(mse_margin=0.06))          # margin beyond the effect
+    assert claim.verdict is False
+    noisy = _scores([0.50, 0.60, 0.52], [0.70, 0.75, 0.72], [0.52, 0.57, 0.55], trivial=1.0)
+    (claim,), _ = decide_claims(noisy, {}, _params())                         # wins on the mean, CI straddles 0
+    assert np.mean(noisy.per_seed["regression"]["acssm"]) < np.mean(noisy.per_seed["regression"]["latent_sde"])
+    assert claim.verdict is False and claim.parts["gru_dt"].verdict is True
+    accuracy = _scores([0.70, 0.72, 0.71], [0.60, 0.61, 0.60], [0.65, 0.66, 0.64], 0.2, task="classification")
+    (claim,), (g,) = decide_claims(accuracy, {}, _params())                   # higher is better
+    assert claim.verdict is True and g.value == pytest.approx((0.71 - 0.2) / 0.8)
+
+
+def test_a_model_worse_than_the_trivial_reference_makes_the_claim_untestable():
+    from tasks.acssm.evaluate import decide_claims
+
+    (claim,), (g,) = decide_claims(_scores([0.5, 0.52], [0.6, 0.63], [0.55, 0.58], trivial=0.4), {}, _params())
+    assert not g.passed and g.value == pytest.approx(1 - 0.51 / 0.4)
+    assert claim.verdict is None and "skill" in claim.reason
+
+
+def test_speedup_claim_is_a_per_seed_ratio_against_the_margin():
+    from tasks.acssm.evaluate import decide_claims
+
+    scores = _scores([0.5, 0.5, 0.5], [0.6, 0.6, 0.6], [0.6, 0.6, 0.6], trivial=1.0)
+    ratios = {"regression": {0: 6.0, 1: 6.2, 2: 5.9}, "interpolation": {0: 6.1, 1: 6.0, 2: 6.3}}
+    claims, _ = decide_claims(scores, ratios, _params())
+    speed = next(c for c in claims if c.name == "simulation_free_speedup")
+    assert speed.verdict is True and speed.n == 3 and speed.effect == pytest.approx(6.0833, abs=1e-3)
+    claims, _ = decide_claims(scores, ratios, _params(speedup_factor=6.05))
+    assert next(c for c in claims if c.name == "simulation_free_speedup").verdict is False
 
 
 @pytest.mark.slow
@@ -66,6 +149,7 @@ def test_prefect_flow_runs_the_three_stages_with_mlflow_children(tmp_path, prefe
     ("finetune", "epoch", 3, "is not a parameter"),
     ("prepare", "missing", 1.5, "acssm.prepare.missing"),
     ("evaluate", "speedup_factor", 0.5, "acssm.evaluate.speedup_factor"),
+    ("evaluate", "mse_margin", -0.1, "acssm.evaluate.mse_margin"),
 ])
 def test_bad_params_are_rejected_before_any_compute(tmp_path, section, key, value, msg):
     from tasks.core import ParamsError, run_stage
@@ -117,8 +201,8 @@ def _write_paper_files(root):
 
 
 def test_paper_loaders_read_the_published_formats(tmp_path):
-    from models.acssm import check_series
-    from tasks.data import acssm_paper as paper
+    from models.acssm.sde import check_series
+    from tasks.acssm import paper_data as paper
 
     _write_paper_files(tmp_path)
     ushcn = paper.load_ushcn(tmp_path / "ushcn" / "small_chunked_sporadic.csv")
@@ -143,7 +227,7 @@ def test_paper_loaders_read_the_published_formats(tmp_path):
 
 
 def test_paper_loaders_reject_malformed_files(tmp_path):
-    from tasks.data import acssm_paper as paper
+    from tasks.acssm import paper_data as paper
 
     (tmp_path / "u.csv").write_text("ID,Time," + ",".join(f"Value_{c}" for c in range(5)) + ","
                                     + ",".join(f"Mask_{c}" for c in range(5)) + "\n"

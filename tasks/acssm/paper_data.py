@@ -10,7 +10,7 @@ Expected layout under ``data_dir`` (nothing is downloaded):
     pendulum/pendulum.npz                 arrays obs [N,T,...] (images or vectors), targets [N,T,2],
                                           times [N,T] (optional; default 0..T-1 * 0.1)
 
-Each loader returns series in the acssm stage format (see tasks/data/acssm_series.py).
+Each loader returns series in the acssm stage format (see tasks/acssm/data.py).
 """
 from __future__ import annotations
 
@@ -223,5 +223,5 @@ def build_all(data_dir: Path, seed: int) -> dict:
         built["interpolation"] = {k: hide_for_interpolation(v, seed + i) for i, (k, v) in enumerate(base.items())}
         built["extrapolation"] = {k: hide_future(v) for k, v in base.items()}
     if not built:
-        raise FileNotFoundError(f"no paper data set found under {data_dir} (see tasks/data/acssm_paper.py)")
+        raise FileNotFoundError(f"no paper data set found under {data_dir} (see tasks/acssm/paper_data.py)")
     return built

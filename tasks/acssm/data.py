@@ -1,4 +1,4 @@
-"""Offline irregular time-series builders for acssm (CPU scale) and loaders of the paper's data sets.
+"""Offline irregular time-series builders for acssm (CPU scale); the paper's data sets are in paper_data.py.
 
 Every builder returns a dict of numpy arrays for one split, the shared format of the acssm stages:
     times [N, K] float (strictly increasing), values [N, K, D] (NaN where not observed),
