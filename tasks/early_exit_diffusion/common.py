@@ -33,7 +33,9 @@ class FinetunedMeta(Params):
 def load_dit(folder: Path, subfolder: str | None = None):
     from diffusers import DiTTransformer2DModel
 
-    return DiTTransformer2DModel.from_pretrained(str(folder), subfolder=subfolder)
+    model = DiTTransformer2DModel.from_pretrained(str(folder), subfolder=subfolder, use_safetensors=True)
+    model.register_to_config(_name_or_path="")  # no checkout path in the configs this model saves again
+    return model
 
 
 def noise_scheduler_config() -> dict:
