@@ -270,15 +270,17 @@ def noise_prediction_loss(model: nn.Module, schedule: ExitSchedule, noise_schedu
 
 @dataclass
 class FitConfig:
+    """Every training setting of ``fit_denoiser`` (the stages fill it from params.yaml)."""
+
     steps: int
     batch_size: int
     lr: float
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    ema_decay: float = 0.999
-    label_dropout: float = 0.1
-    freeze_time_embedder: bool = False
-    grad_clip: float | None = 1.0
+    weight_decay: float
+    warmup_steps: int
+    ema_decay: float
+    label_dropout: float
+    freeze_time_embedder: bool
+    grad_clip: float | None
 
 
 def fit_denoiser(model: nn.Module, schedule: ExitSchedule, noise_scheduler, x: torch.Tensor,
@@ -370,8 +372,6 @@ def sampling_grid(denoisers: dict[str, "EarlyExitDenoiser"], samplers: dict[str,
     Every variant of a (seed, sampler) pair starts from the same noise and labels (paired comparison).
     Returns {(seed, sampler, variant): {"images", "seconds", "images_per_s", "blocks_per_image"}}.
     """
-    import time
-
     names = list(denoisers)
     if warmup:  # one small untimed run per variant and sampler: allocations, lazy init, caches
         for sampler_name, steps in samplers.items():

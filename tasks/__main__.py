@@ -98,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     except errors.UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BaseException as exc:
+        if type(exc).__name__ == "Terminated":  # SIGTERM: outputs left as they were, MLflow run KILLED
+            print(f"error: {exc}; nothing was written", file=sys.stderr)
+            return 143
+        raise
     return 0
 
 

@@ -183,7 +183,8 @@ def test_freezing_keeps_every_time_embedder_fixed_and_trains_the_rest():
     y = torch.arange(64) % 10
     sched = ExitSchedule((2, 2, 2, 2, 2, 1, 1, 1, 1, 1), num_layers=2)
     fit_denoiser(m, sched, make_scheduler("ddpm"), x, y,
-                 FitConfig(steps=3, batch_size=16, lr=1e-2, freeze_time_embedder=True),
+                 FitConfig(steps=3, batch_size=16, lr=1e-2, weight_decay=0.0, warmup_steps=0, ema_decay=0.999,
+                           label_dropout=0.1, freeze_time_embedder=True, grad_clip=1.0),
                  torch.Generator().manual_seed(0))
     for b0, b1 in zip(before.transformer_blocks, m.transformer_blocks):
         for p0, p1 in zip(b0.norm1.emb.timestep_embedder.parameters(), b1.norm1.emb.timestep_embedder.parameters()):

@@ -30,17 +30,20 @@ def test_paper_path_finetunes_and_samples_a_saved_dit(tmp_path):
     params = {
         "seed": 0, "device": "cpu",
         PAPER: {
-            "prepare": {"source": "latents", "latents_path": str(tmp_path / "latents.npz"),
-                        "test_fraction": 0.25, "classifier_epochs": 1},
+            "prepare": {"source": "latents", "latents_path": str(tmp_path / "latents.npz"), "image_size": 16,
+                        "test_fraction": 0.25, "max_images": None, "classifier_epochs": 1},
             "pretrain": {"init": "pretrained", "model_dir": str(tmp_path / "DiT"), "subfolder": "transformer",
-                         "steps": 0, "batch_size": 8, "lr": 1e-4, "warmup_steps": 0, "ema_decay": 0.999,
-                         "label_dropout": 0.1},
+                         "num_layers": 6, "hidden": 64, "heads": 4, "patch_size": 4,
+                         "steps": 0, "batch_size": 8, "lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 0,
+                         "grad_clip": 1.0, "ema_decay": 0.999, "label_dropout": 0.1},
             "finetune": {"schedule": [4, 4, 3, 3, 2, 2, 1, 1, 1, 1], "variants": ["ase", "reversed"], "steps": 2,
-                         "batch_size": 8, "lr": 1e-4, "weight_decay": 0.0, "ema_decay": 0.9999,
-                         "label_dropout": 0.1, "freeze_time_embedder": True, "seeds": [0]},
+                         "batch_size": 8, "lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 1.0,
+                         "ema_decay": 0.9999, "label_dropout": 0.1, "freeze_time_embedder": True, "seeds": [0],
+                         "workers": 1},
             "evaluate": {"samplers": {"ddpm": 3, "ddim": 3, "dpm_solver": 3}, "num_images": 10, "batch_size": 5,
                          "guidance_scale": 1.5, "speedup_threshold": 1.25, "quality_tolerance": 1.1,
-                         "grid_sampler": "ddim"},
+                         "finetuning_fd_ratio": 1.0, "direction_fd_ratio": 1.0, "base_label_accuracy_min": 0.85,
+                         "base_fd_ratio_max": 3.0, "grid_sampler": "ddim", "workers": 1},
         },
     }
     (tmp_path / "repo").mkdir()
@@ -57,7 +60,11 @@ def test_paper_path_finetunes_and_samples_a_saved_dit(tmp_path):
                        dit.transformer_blocks[blk].norm1.emb.timestep_embedder.linear_1.weight)  # frozen
     assert not torch.equal(tuned.proj_out_2.weight, dit.proj_out_2.weight)  # the rest was trained
 
-    m = json.loads((root / "results" / PAPER / "metrics.json").read_text())
+    from tasks.core.claims import rederive
+
+    metrics = json.loads((root / "results" / PAPER / "metrics.json").read_text())
+    assert all(rederive(metrics["claims_detail"][k]) == v for k, v in metrics["claims"].items())
+    m = json.loads((root / "results" / PAPER / "evidence.json").read_text())
     assert m["num_layers"] == 4
     for sampler, variants in m["summary"].items():
         for v in variants.values():
@@ -73,7 +80,7 @@ def test_missing_pretrained_folder_is_a_clear_error(tmp_path):
 
     np.savez(tmp_path / "latents.npz", x=np.zeros((20, 4, 8, 8), np.float32), y=np.arange(20) % 2)
     params = {"seed": 0, "device": "cpu", PAPER: {
-        "prepare": {"source": "latents", "latents_path": str(tmp_path / "nope.npz"), "test_fraction": 0.25,
-                    "classifier_epochs": 1}}}
+        "prepare": {"source": "latents", "latents_path": str(tmp_path / "nope.npz"), "image_size": 16,
+                    "test_fraction": 0.25, "max_images": None, "classifier_epochs": 1}}}
     with pytest.raises(MissingInputError, match="latents_path"):
         run_stage(PAPER, "prepare", root=tmp_path, params=params, track=False)

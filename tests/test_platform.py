@@ -187,3 +187,85 @@ def test_map_jobs_keeps_order_uses_one_thread_per_worker_and_raises_failures():
         map_jobs(_square_in_worker, [1, -1], workers=2)
     with pytest.raises(ValueError, match="workers"):
         map_jobs(_square_in_worker, [1], workers=0)
+
+
+def test_only_dvc_lock_errors_before_a_stage_ran_are_retried():
+    from flows.core import dvc_lock_error
+
+    assert dvc_lock_error("ERROR: Unable to acquire lock. Most likely another DVC process is running")
+    assert dvc_lock_error("ERROR: failed to reproduce 'x-prepare': '/r/a' is busy, it is being blocked by: (PID 9)")
+    # a stage's own output (MLflow's SQLite) is no DVC lock error, and a finished stage is never re-run
+    assert not dvc_lock_error("sqlite3.OperationalError: database is locked\nERROR: failed to reproduce")
+    assert not dvc_lock_error("Running stage 'x-train':\n[paperflows] x-train done in 3.0 s\n"
+                              "ERROR: Unable to acquire lock")
+
+
+def _sleep_and_report(path: str) -> None:
+    """A job that keeps writing its pid's heartbeat until killed."""
+    import os as _os
+    import time as _time
+
+    while True:
+        Path(path).write_text(f"{_os.getpid()} {_time.time()}")
+        _time.sleep(0.1)
+
+
+def test_killed_stage_process_takes_its_workers_with_it(tmp_path):
+    """SIGKILL of the process running ctx.map: no worker keeps running (and writing) after it."""
+    import psutil
+
+    script = (f"from tasks.core.parallel import map_jobs\n"
+              f"from tests.test_platform import _sleep_and_report\n"
+              f"map_jobs(_sleep_and_report, [{str(tmp_path / 'a')!r}, {str(tmp_path / 'b')!r}], workers=2)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    deadline = time.time() + 60
+    while time.time() < deadline and not ((tmp_path / "a").exists() and (tmp_path / "b").exists()):
+        time.sleep(0.2)
+    pids = [int((tmp_path / n).read_text().split()[0]) for n in "ab"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                                         for p in pids):
+        time.sleep(0.2)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+
+
+def test_sigterm_ends_the_mlflow_run_killed_and_sigkill_orphans_are_ended_next_time(tmp_path, mlflow_uri):
+    import mlflow
+
+    repo = make_clone(tmp_path / "term")
+    set_param(repo, "lowprec_ensemble.train.epochs", 400)
+    env = {**os.environ, "PAPERFLOWS_NO_PROGRESS": "1", "MLFLOW_TRACKING_URI": mlflow_uri}
+    subprocess.run([sys.executable, "-m", "tasks", "run", "lowprec_ensemble", "prepare", "--no-mlflow"],
+                   cwd=repo, env=env, check=True, capture_output=True)
+    mlflow.set_tracking_uri(mlflow_uri)
+
+    def start_train_and(sig):
+        proc = subprocess.Popen([sys.executable, "-m", "tasks", "run", "lowprec_ensemble", "train"], cwd=repo,
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        parent = repo / "artifacts" / "lowprec_ensemble"
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(p.name.startswith(".train.tmp-") for p in parent.iterdir()):
+            time.sleep(0.2)
+        time.sleep(1.5)
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        proc.err = proc.stderr.read()
+        return proc
+
+    def train_runs():
+        return mlflow.search_runs(experiment_names=["lowprec_ensemble"],
+                                  filter_string=f"tags.workspace = '{repo}' and tags.dvc_stage = "
+                                                f"'lowprec_ensemble-train'")
+
+    proc = start_train_and(signal.SIGTERM)
+    assert proc.returncode == 143 and "terminated" in proc.err
+    assert list(train_runs()["status"]) == ["KILLED"]
+    assert not (repo / "artifacts" / "lowprec_ensemble" / "train").exists()
+    start_train_and(signal.SIGKILL)
+    assert sorted(train_runs()["status"]) == ["KILLED", "RUNNING"]  # a SIGKILLed run cannot end itself
+    set_param(repo, "lowprec_ensemble.train.epochs", 2)
+    subprocess.run([sys.executable, "-m", "tasks", "run", "lowprec_ensemble", "train"], cwd=repo, env=env,
+                   check=True, capture_output=True)
+    assert sorted(train_runs()["status"]) == ["FINISHED", "KILLED", "KILLED"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import sys
 import time
@@ -115,8 +116,8 @@ class StageContext:
                       evidence: dict | None = None) -> Path:
         """results/<paper>/metrics.json: ``claims`` (true/false/null), ``claims_detail`` (effect, CI,
         margin, n, gate and reason), ``gates`` and at most ``HEADLINE_LIMIT`` headline numbers named
-        as the paper's tables name them; everything else goes to ``evidence.json`` beside it (logged
-        to MLflow with the results folder)."""
+        as the paper's tables name them; the claims' long form (statements, parts) and everything
+        else go to ``evidence.json`` beside it (logged to MLflow with the results folder)."""
         from .claims import payload
 
         if self.results_dir is None:
@@ -127,12 +128,11 @@ class StageContext:
         if leaves > HEADLINE_LIMIT:
             raise ValueError(f"metrics.json takes at most {HEADLINE_LIMIT} headline numbers, got {leaves}: "
                              f"move the rest to evidence")
-        data = payload(claims, gates)
+        data, claims_evidence = payload(claims, gates)
         data["headline"] = headline
         path = self.results_dir / "metrics.json"
         io.write_json(path, data)
-        if evidence is not None:
-            io.write_json(self.results_dir / "evidence.json", evidence)
+        io.write_json(self.results_dir / "evidence.json", {**claims_evidence, **(evidence or {})})
         return path
 
     def results_file(self, name: str) -> Path:
@@ -177,6 +177,20 @@ def check_inputs(root: Path, stage: Stage) -> None:
                 f"{stage.dvc_name}`, which runs the upstream stages first).")
 
 
+class Terminated(BaseException):
+    """SIGTERM reached a running stage: it cleans up (temp outputs, workers, MLflow run KILLED) and exits."""
+
+
+def _raise_on_sigterm():
+    def handler(signum, frame):
+        raise Terminated(f"stage terminated by signal {signum}")
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. a test runner's thread): leave signals alone
+        return signal.getsignal(signal.SIGTERM)
+
+
 def run_stage(paper: str, name: str, root: Path | None = None, params: dict | None = None,
               track: bool = True) -> dict[str, Any]:
     """Validate, run and commit one stage. Returns {'seconds', 'out_dir', 'run_id'}.
@@ -189,48 +203,57 @@ def run_stage(paper: str, name: str, root: Path | None = None, params: dict | No
     glob, stage_params = load_stage_params(root, stage, params)
     check_inputs(root, stage)
     device = resolve_device(glob.device)
+    previous = _raise_on_sigterm()  # from here on a SIGTERM cleans up like any failure
+    try:
+        return _execute(stage, root, glob, stage_params, device, track)
+    finally:
+        try:
+            signal.signal(signal.SIGTERM, previous)
+        except ValueError:
+            pass
+
+
+def _execute(stage: Stage, root: Path, glob, stage_params, device, track: bool) -> dict[str, Any]:
+    import shutil
 
     import torch
 
+    paper, name = stage.paper, stage.name
     torch.set_flush_denormal(True)
     if os.environ.get("PAPERFLOWS_THREADS"):
         torch.set_num_threads(int(os.environ["PAPERFLOWS_THREADS"]))
     seed_everything(glob.seed)
 
     final_out = artifact_dir(root, paper, name)
-    io.remove_stale_tmp(final_out.parent, name)
-    out_tmp = io.new_tmp_dir(final_out)
     res_final = results_dir(root, paper) if stage.writes_results else None
-    res_tmp = None
+    io.remove_stale_tmp(final_out.parent, name)
     if res_final is not None:
         io.remove_stale_tmp(res_final.parent, paper)
-        res_tmp = io.new_tmp_dir(res_final)
-
     tags = {"paper": paper, "stage": name, "dvc_stage": stage.dvc_name, "device": str(device),
             "git_commit": git_commit(root), "gpu_stage": str(stage.gpu).lower(),
             "host": socket.gethostname(), "workspace": str(root)}
-    tracker = Tracker(root, paper, stage.dvc_name, tags, enabled=track)
-    ctx = StageContext(stage, root, stage_params, glob.seed, device, out_tmp, res_tmp, tracker)
-    start = time.perf_counter()
+    tracker = out_tmp = res_tmp = None
     try:
+        tracker = Tracker(root, paper, stage.dvc_name, tags, enabled=track)
+        out_tmp = io.new_tmp_dir(final_out)
+        res_tmp = io.new_tmp_dir(res_final) if res_final is not None else None
+        ctx = StageContext(stage, root, stage_params, glob.seed, device, out_tmp, res_tmp, tracker)
+        start = time.perf_counter()
         tracker.log_params({**stage_params.model_dump(mode="json"), "seed": glob.seed,
                             "device": glob.device})
         stage.fn(ctx, stage_params)
         seconds = time.perf_counter() - start
         if res_tmp is not None:  # a cached copy travels through DVC remotes (results/ is git's)
-            import shutil
-
             shutil.copytree(res_tmp, out_tmp / "results")
         io.commit_dir(out_tmp, final_out)
         if res_tmp is not None:
             io.commit_dir(res_tmp, res_final)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(out_tmp, ignore_errors=True)
-        if res_tmp is not None:
-            shutil.rmtree(res_tmp, ignore_errors=True)
-        tracker.end("FAILED")
+    except BaseException as exc:
+        for tmp in (out_tmp, res_tmp):
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        if tracker is not None:
+            tracker.end("KILLED" if isinstance(exc, (Terminated, KeyboardInterrupt)) else "FAILED")
         raise
     tracker.log_metrics({"stage_seconds": seconds})
     if res_final is not None:

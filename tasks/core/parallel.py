@@ -4,8 +4,9 @@ Small models on a few CPU cores train fastest with one torch thread per process 
 core: torch's own threading does not pay off for them and degrades badly on a shared machine. A stage
 hands ``map_jobs`` a picklable top-level function and its job arguments; ``workers=1`` runs them in the
 stage's own process (no pickling, the same code path), more workers use spawned processes with one
-torch thread each. Results come back in job order; a failing job raises in the stage (the other
-workers are cancelled), so the stage fails as a whole and its outputs are not committed.
+torch thread each. Results come back in job order; a failing job raises in the stage (queued jobs
+are cancelled, running ones finish), so the stage fails as a whole and its outputs are not committed.
+Workers die with the stage process, however it ends.
 """
 from __future__ import annotations
 
@@ -14,7 +15,20 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel sends this worker SIGKILL when the stage process that spawned it dies (even by
+    SIGKILL), so no worker keeps computing or writing after its stage is gone."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: workers still exit when their task queue closes
+        pass
+
+
 def _init_worker(threads: int) -> None:
+    _die_with_parent()
     import torch
 
     torch.set_num_threads(threads)

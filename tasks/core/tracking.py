@@ -29,6 +29,38 @@ def flat_params(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def end_orphaned_runs(experiment_id: str, dvc_stage: str, workspace: str) -> int:
+    """Mark KILLED the runs of ``dvc_stage`` in ``workspace`` still RUNNING although their process is
+    gone (a stage killed with SIGKILL cannot end its own run); returns how many were ended."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    query = (f"tags.dvc_stage = '{dvc_stage}' and attributes.status = 'RUNNING'"
+             + (f" and tags.workspace = '{workspace}'" if workspace else ""))
+    ended = 0
+    for run in client.search_runs([experiment_id], query, max_results=50):
+        pid = run.data.tags.get("pid", "")
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended += 1
+    return ended
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not yet reaped) is gone for our purpose
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
 class Tracker:
     """A thin wrapper over one MLflow run; every call is a no-op when tracking is disabled."""
 
@@ -43,10 +75,11 @@ class Tracker:
 
         self.mlflow = mlflow
         mlflow.set_tracking_uri(tracking_uri(root))
-        mlflow.set_experiment(experiment)
+        exp = mlflow.set_experiment(experiment)
+        end_orphaned_runs(exp.experiment_id, tags.get("dvc_stage", run_name), tags.get("workspace", ""))
         parent = os.environ.get(PARENT_RUN_ENV) or None
         self.run = mlflow.start_run(run_name=run_name, parent_run_id=parent, nested=parent is not None,
-                                    tags=tags)
+                                    tags={**tags, "pid": str(os.getpid())})
 
     @property
     def run_id(self) -> str | None:

@@ -1,0 +1,203 @@
+"""ASE end to end at smoke scale through `dvc repro`; the claims on hand-made numbers; params errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from tasks.core.claims import payload, rederive
+from tasks.core.errors import ParamsError
+from tests.conftest import ROOT, dvc
+
+PAPER = "early_exit_diffusion"
+CLAIMS = {"ase_faster", "ase_quality_kept", "finetuning_needed", "schedule_direction_matters"}
+QUALITY_CLAIMS = CLAIMS - {"ase_faster"}
+GATES = {"base_label_accuracy": (">=", 0.85), "base_fd_ratio": ("<=", 3.0)}
+
+
+def check_results(repo):
+    """metrics.json's claims re-derive from their own details, the gates are the fixed ones, and the
+    evidence holds the per-sampler table; the plots exist."""
+    res = repo / "results" / PAPER
+    m = json.loads((res / "metrics.json").read_text())
+    ev = json.loads((res / "evidence.json").read_text())
+    assert CLAIMS <= set(m["claims"]) and set(m["claims"]) == set(m["claims_detail"])
+    for name, verdict in m["claims"].items():
+        assert rederive(m["claims_detail"][name]) == verdict, name
+        assert set(m["claims_detail"][name]["parts"]) == set(ev["samplers"])  # every sampler
+    assert {k: (g["direction"], g["threshold"]) for k, g in m["gates"].items()} == GATES
+    if not all(g["passed"] for g in m["gates"].values()):  # a base that cannot draw the data
+        for name in QUALITY_CLAIMS:
+            assert m["claims"][name] is None and "gate" in m["claims_detail"][name]["reason"]
+    assert len(ev["seeds"]) == m["claims_detail"]["ase_faster"]["n"]
+    for sampler, variants in ev["summary"].items():
+        assert {"full", "naive", "ase", "reversed"} <= set(variants)
+        # the schedule saves block evaluations; the full model runs every block at every step
+        assert variants["ase"]["blocks_per_image"] < variants["full"]["blocks_per_image"]
+        assert variants["naive"]["blocks_per_image"] == variants["ase"]["blocks_per_image"]
+        assert variants["full"]["blocks_per_image"] == ev["num_layers"] * ev["samplers"][sampler]
+        ratios = ev["speed_ratios_per_seed"][sampler]["ase"]
+        assert m["claims_detail"]["ase_faster"]["parts"][sampler]["effect"] == pytest.approx(np.mean(ratios), abs=1e-5)
+        assert m["headline"][sampler]["fd_proxy_ase"] == variants["ase"]["fd_proxy"]
+    for name in ("tradeoff.png", "samples_full.png", "samples_ase.png"):
+        assert (res / "plots" / name).stat().st_size > 0
+    assert json.loads((res / "tradeoff.json").read_text())
+    return m, ev
+
+
+@pytest.mark.slow
+def test_pipeline_at_smoke_scale_through_dvc_repro(smoke_repo):
+    dvc(smoke_repo, "repro", f"{PAPER}-evaluate")
+    m, ev = check_results(smoke_repo)
+    assert ev["seeds"] == [0, 1]
+    assert m["claims"]["ase_faster"] in (True, False)  # two seeds: a confidence interval, a verdict
+    again = dvc(smoke_repo, "repro", f"{PAPER}-evaluate")
+    assert "didn't change" in again.stdout or "up to date" in again.stdout
+
+
+# ---------------------------------------------------------------------------- claims on hand-made numbers
+def _rows(fd: dict, speed: dict, samplers=("ddim", "ddpm"), seeds=(0, 1, 2), noise=0.01, rng_seed=0):
+    """Rows as evaluate_seed writes them: per (seed, sampler, variant) an FD-proxy and images/s, each
+    scaled by a seed's machine/noise factor (shared by the variants) and a little of its own noise."""
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for sampler in samplers:
+        for seed in seeds:
+            common = 1 + 0.2 * rng.standard_normal()
+            for v in fd:
+                own = 1 + noise * rng.standard_normal(2)
+                rows.append({"seed": seed, "sampler": sampler, "variant": v, "fd_proxy": fd[v][sampler] * common * own[0],
+                             "images_per_s": speed[v][sampler] * common * own[1]})
+    return rows
+
+
+def _claims(rows, samplers=("ddim", "ddpm"), gates=()):
+    from tasks.early_exit_diffusion.evaluate import compute_claims
+
+    claims = compute_claims(rows, list(samplers), speedup=1.25, quality=1.10, finetuning=1.0, direction=1.0,
+                            gates=gates)
+    out = payload(claims, gates)
+    for name, detail in out["claims_detail"].items():  # what the pipeline test re-derives
+        assert rederive(detail) == out["claims"][name]
+    return out
+
+
+def _same(values: dict) -> dict:
+    return {v: {"ddim": x, "ddpm": x} for v, x in values.items()}
+
+
+GOOD_FD = _same({"full": 10.0, "naive": 30.0, "ase": 10.3, "reversed": 20.0, "full_control": 9.0})
+GOOD_SPEED = _same({"full": 100.0, "naive": 140.0, "ase": 140.0, "reversed": 140.0, "full_control": 100.0})
+
+
+def test_claims_follow_the_numbers_for_every_sampler():
+    out = _claims(_rows(GOOD_FD, GOOD_SPEED))
+    assert out["claims"] == {"ase_faster": True, "ase_quality_kept": True, "finetuning_needed": True,
+                             "schedule_direction_matters": True, "ase_quality_kept_vs_equal_steps_full": False}
+    detail = out["claims_detail"]["ase_faster"]
+    assert detail["n"] == 3 and detail["margin"] == 1.25 and detail["ci"][0] > 1.25
+    assert detail["effect"] == pytest.approx(1.4, abs=0.05)
+
+
+def test_one_slow_sampler_fails_the_speed_claim():
+    speed = {**GOOD_SPEED, "ase": {"ddim": 140.0, "ddpm": 120.0}}  # ddpm: 1.2x < 1.25
+    fd = {**GOOD_FD, "ase": {"ddim": 10.3, "ddpm": 12.0}}         # ddpm: 1.2x the full model's FD
+    out = _claims(_rows(fd, speed))
+    assert out["claims"]["ase_faster"] is False and out["claims"]["ase_quality_kept"] is False
+    parts = out["claims_detail"]["ase_faster"]["parts"]
+    assert parts["ddim"]["verdict"] is True and parts["ddpm"]["verdict"] is False
+
+
+def test_a_mean_past_the_margin_is_not_enough_when_the_seeds_disagree():
+    """The old claim compared means; a CI that straddles the margin does not hold."""
+    speed = {**GOOD_SPEED, "ase": {"ddim": 140.0, "ddpm": 140.0}}
+    out = _claims(_rows(GOOD_FD, speed, noise=0.15, rng_seed=3))
+    detail = out["claims_detail"]["ase_faster"]
+    assert detail["effect"] > 1.25 and detail["ci"][0] < 1.25
+    assert out["claims"]["ase_faster"] is False
+
+
+def test_a_base_that_draws_noise_makes_the_quality_claims_untestable():
+    from tasks.early_exit_diffusion.evaluate import base_quality_gates
+
+    def summary(acc, fd):
+        return {s: {"full": {"label_accuracy": acc, "fd_proxy": fd}} for s in ("ddim", "ddpm")}
+
+    failed = base_quality_gates(summary(0.15, 455.0), floor=9.0, min_accuracy=0.85, max_fd_ratio=3.0)
+    assert [(g.name, g.passed) for g in failed] == [("base_label_accuracy", False), ("base_fd_ratio", False)]
+    assert failed[1].value == pytest.approx(455 / 9)
+    passed = base_quality_gates(summary(0.9, 20.0), floor=9.0, min_accuracy=0.85, max_fd_ratio=3.0)
+    assert all(g.passed for g in passed)
+    half = base_quality_gates(summary(0.9, 40.0), floor=9.0, min_accuracy=0.85, max_fd_ratio=3.0)
+    assert [g.passed for g in half] == [True, False]
+
+    out = _claims(_rows(GOOD_FD, GOOD_SPEED), gates=failed)
+    assert out["claims"]["ase_faster"] is True  # speed needs no quality gate
+    for name in QUALITY_CLAIMS | {"ase_quality_kept_vs_equal_steps_full"}:
+        assert out["claims"][name] is None
+        assert "base_label_accuracy" in out["claims_detail"][name]["reason"]
+    assert set(out["gates"]) == set(GATES)
+
+
+def test_one_seed_gives_no_verdict_and_missing_variants_give_no_claim():
+    fd = {v: GOOD_FD[v] for v in ("full", "naive", "ase")}
+    out = _claims(_rows(fd, GOOD_SPEED, seeds=(0,)))
+    assert set(out["claims"]) == {"ase_faster", "ase_quality_kept", "finetuning_needed"}
+    assert all(v is None for v in out["claims"].values())
+
+
+# ----------------------------------------------------------------------------------------- params, errors
+@pytest.mark.parametrize("section,key,value,needle", [
+    ("finetune", "schedule", [6, 6, 5.5, 5, 4, 4, 3, 3, 3, 3], "integer block counts"),
+    ("finetune", "schedule", [6, 6, "5", 5, 4, 4, 3, 3, 3, 3], "integer block counts"),
+    ("finetune", "variants", ["reversed"], "must include 'ase'"),
+    ("finetune", "variants", ["ase", "shallow"], "variants"),
+    ("finetune", "seeds", [], "at least 1"),
+    ("evaluate", "grid_sampler", "ddpm", "is not one of samplers"),
+    ("evaluate", "samplers", {"euler": 10}, "samplers"),
+    ("evaluate", "base_label_accuracy_min", 1.5, "base_label_accuracy_min"),
+    ("pretrain", "heads", 5, "divisible by heads"),
+    ("prepare", "source", "latents", "needs 'latents_path'"),
+])
+def test_bad_params_name_the_problem(section, key, value, needle):
+    from tasks.core.params import validate_section
+    from tasks.core.registry import get_stage
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())[PAPER][section]
+    params = {**params, key: value}
+    if section == "evaluate" and key == "grid_sampler":
+        params["samplers"] = {"ddim": 5}
+    with pytest.raises(ParamsError, match=needle):
+        validate_section(PAPER, section, get_stage(PAPER, section).params, params, "params.yaml")
+
+
+@pytest.mark.parametrize("section", ["prepare", "pretrain", "finetune", "evaluate"])
+def test_every_param_comes_from_params_yaml(section):
+    """No defaults: leaving a key out of params.yaml is an error that names it."""
+    from tasks.core.params import validate_section
+    from tasks.core.registry import get_stage
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())[PAPER][section]
+    model = get_stage(PAPER, section).params
+    assert all(f.is_required() for f in model.model_fields.values())
+    assert set(params) == set(model.model_fields)
+    for key in params:
+        with pytest.raises(ParamsError, match=f"'{PAPER}.{section}.{key}' is missing"):
+            validate_section(PAPER, section, model, {k: v for k, v in params.items() if k != key}, "params.yaml")
+
+
+def test_schedule_deeper_than_the_model_fails_before_any_finetuning():
+    """The schedule is validated against the pretrained model's depth with a clear message."""
+    import torch
+
+    from models.early_exit_diffusion import tiny_dit
+    from tasks.early_exit_diffusion.common import variant_schedule
+
+    model = tiny_dit(num_layers=3, hidden=32, heads=2, sample_size=8, patch_size=2)
+    with pytest.raises(ValueError, match="has only 3"):
+        variant_schedule("ase", model, [6, 6, 5, 5, 4, 4, 3, 3, 3, 3])
+    assert variant_schedule("uniform", model, [3, 3, 3, 3, 2, 2, 1, 1, 1, 1]).blocks == (2,) * 10
+    assert variant_schedule("reversed", model, [3, 3, 3, 3, 2, 2, 1, 1, 1, 1]).blocks[0] == 1
+    assert torch.is_tensor(variant_schedule("full", model, [3] * 10).blocks_at(5))
