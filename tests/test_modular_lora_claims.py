@@ -55,8 +55,10 @@ def test_the_papers_pattern_gives_every_claim():
     backfire = claims["finetuning_backfires_esd"].parts["lora_on_safe_rises"]
     assert backfire.effect == pytest.approx(29 / N) and backfire.ci[0] > 0.1 and backfire.n == 3
     # the detail re-derives every verdict
-    data = payload(claims.values())
+    data, evidence = payload(claims.values())
     assert all(rederive(data["claims_detail"][k]) == v for k, v in data["claims"].items())
+    assert data["claims_detail"]["finetuning_backfires"]["weakest_part"] in ("esd", "sdd")
+    assert set(evidence["claims"]["safety_works_esd"]["parts"]) == {"erased", "others_kept"}
 
 
 def test_a_modular_rise_within_noise_of_the_margin_is_not_claimed():

@@ -161,8 +161,8 @@ def test_paper_path_runs_every_stage_on_a_saved_sd_pipeline(sd_inputs):
     assert all(v in (True, False, None) for v in m["claims"].values())
     assert {"safety_works", "finetuning_backfires", "modular_lora_keeps_safety", "modular_lora_learns_task"} <= set(m["claims"])
     # the same claims function as the CPU scale, less the parts that need per-digit accuracies
-    assert set(m["claims_detail"]["safety_works_esd"]["parts"]) == {"erased"}
-    assert "full_no_collapse_benign" in m["claims_detail"]["finetuning_backfires_esd"]["parts"]
+    assert set(evidence["claims"]["safety_works_esd"]["parts"]) == {"erased"}
+    assert "full_no_collapse_benign" in evidence["claims"]["finetuning_backfires_esd"]["parts"]
     assert set(m["gates"]) == {"w0_draws_concept"}  # no per-digit quality gate: W0 is not trained here
     for name, verdict in m["claims"].items():  # the claim is computed from the numbers beside it
         assert rederive(m["claims_detail"][name]) == verdict, name

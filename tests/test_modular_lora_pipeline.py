@@ -30,15 +30,19 @@ def test_dvc_repro_writes_claims_histograms_and_plots(reproduced):
     # every verdict follows from its own effect, CI and margin (or its failed gate)
     for name, verdict in metrics["claims"].items():
         assert rederive(metrics["claims_detail"][name]) == verdict, name
-    detail = metrics["claims_detail"]["safety_works_esd"]["parts"]["erased"]
-    assert detail["margin"] == 0.0 and detail["direction"] == "<" and detail["n"] == 1
-    assert metrics["claims_detail"]["finetuning_backfires_esd"]["parts"]["full_rises"]["margin"] == 0.1
+    evidence = json.loads((res / "evidence.json").read_text())
+    parts = evidence["claims"]["safety_works_esd"]["parts"]  # the long form: every part of an all_of
+    assert parts["erased"]["margin"] == 0.0 and parts["erased"]["direction"] == "<" and parts["erased"]["n"] == 1
+    assert evidence["claims"]["finetuning_backfires_esd"]["parts"]["full_rises"]["margin"] == 0.1
+    for name, claim in evidence["claims"].items():  # each part re-derives too
+        for part in claim.get("parts", {}).values():
+            if "parts" not in part:
+                assert rederive(part) == part["verdict"], name
     assert {"w0_quality", "w0_draws_concept"} == set(metrics["gates"])
     assert metrics["gates"]["w0_quality"]["threshold"] == 0.8
     for g in metrics["gates"].values():
         assert g["passed"] == (g["value"] >= g["threshold"])
     assert 0 <= metrics["headline"]["harmful"]["esd"]["modular"] <= 1
-    evidence = json.loads((res / "evidence.json").read_text())
     assert evidence["summary"] and evidence["seeds"] == [0]
     for obj, s in evidence["summary"].items():
         assert {"base", "safe", "full", "lora_on_safe", "modular", "W0_plus_ft", "W0_minus_safe",
