@@ -208,7 +208,7 @@ def _write(ctx: StageContext, claims, gates, summary: dict, hists: dict, curves:
 
     for obj, s in summary.items():
         ctx.log_metrics({f"{obj}_{arm}_harmful": v["harmful"]["mean"] for arm, v in s.items()})
-    ctx.log_metrics({f"claim_{c.name}_effect": c.effect for c in claims if math.isfinite(c.effect)})
+    ctx.log_metrics({f"effect_{c.name}": c.effect for c in claims if math.isfinite(c.effect)})
     ctx.write_metrics(claims, gates, headline=_headline(summary), evidence=_evidence(ctx, summary, p))
     if hists:
         io.write_json(ctx.results_file("histograms.json"), hists)
