@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import string
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -142,7 +143,7 @@ def test_paper_path_runs_every_stage_on_a_saved_sd_pipeline(sd_inputs):
     unet = UNet2DConditionModel.from_pretrained(sd_inputs / "sd", subfolder="unet")
     for obj in ("esd", "sdd"):  # only the LoRA matrices are saved, and they were trained
         safety = load_file(art / "safety" / f"safety_{obj}_s0.safetensors")
-        assert safety and all("lora_" in k and ".safety." in k for k in safety)
+        assert safety and all("lora_" in k for k in safety)  # peft's adapter state dict
         assert sum(v.numel() for v in safety.values()) < sum(p.numel() for p in unet.parameters()) / 5
         assert any(v.abs().sum() > 0 for k, v in safety.items() if "lora_B" in k)  # B starts at zero
     ft = {f.name for f in (art / "finetune").glob("*.safetensors")}
@@ -150,23 +151,29 @@ def test_paper_path_runs_every_stage_on_a_saved_sd_pipeline(sd_inputs):
                   "lora_on_safe_sdd_s0.safetensors", "modular_s0.safetensors"}
     full = load_file(art / "finetune" / "full_esd_s0.safetensors")
     assert set(full) == set(unet.state_dict())  # the full arm is a plain UNet state dict
-    assert all(".ft." in k for k in load_file(art / "finetune" / "modular_s0.safetensors"))
+    assert all("lora_" in k for k in load_file(art / "finetune" / "modular_s0.safetensors"))
+
+    from tasks.core.claims import rederive
 
     m = json.loads((root / "results" / PAPER / "metrics.json").read_text())
-    assert m["source"] == "sd_pipeline" and m["concept"] == "a red cat"
-    assert all(isinstance(v, bool) for v in m["claims"].values())
+    evidence = json.loads((root / "results" / PAPER / "evidence.json").read_text())
+    assert evidence["source"] == "sd_pipeline" and evidence["concept"] == "a red cat"
+    assert all(v in (True, False, None) for v in m["claims"].values())
     assert {"safety_works", "finetuning_backfires", "modular_lora_keeps_safety", "modular_lora_learns_task"} <= set(m["claims"])
+    # the same claims function as the CPU scale, less the parts that need per-digit accuracies
+    assert set(evidence["claims"]["safety_works_esd"]["parts"]) == {"erased"}
+    assert "full_no_collapse_benign" in evidence["claims"]["finetuning_backfires_esd"]["parts"]
+    assert set(m["gates"]) == {"w0_draws_concept"}  # no per-digit quality gate: W0 is not trained here
+    for name, verdict in m["claims"].items():  # the claim is computed from the numbers beside it
+        assert rederive(m["claims_detail"][name]) == verdict, name
     for obj in ("esd", "sdd"):
-        s = m["summary"][obj]
+        s = evidence["summary"][obj]
         assert set(ARMS) <= set(s)
         for arm in ARMS:
             for key in ("harmful", "task_fd", "task_to_concept", "benign_to_concept"):
                 v = s[arm][key]["mean"]
                 assert np.isfinite(v), (obj, arm, key)
             assert 0 <= s[arm]["harmful"]["mean"] <= 1
-        # the claim is computed from the numbers beside it
-        assert m["claims"][f"safety_works_{obj}"] == (
-            s["base"]["harmful"]["mean"] > 0 and s["safe"]["harmful"]["mean"] <= 0.5 * s["base"]["harmful"]["mean"])
     for png in ("harmful_rate_per_arm.png", "samples_grid.png"):
         assert (root / "results" / PAPER / "plots" / png).stat().st_size > 1000
     assert json.loads((root / "results" / PAPER / "curves" / "reemergence.json").read_text())
@@ -190,18 +197,18 @@ def test_missing_or_wrong_inputs_are_clear_errors(sd_inputs, tmp_path):
             run_stage(PAPER, "prepare", root=tmp_path, params=params, track=False)
     assert not (tmp_path / "artifacts" / PAPER / "prepare").exists()
     # the concept label by name or by index (an int in params.yaml)
-    from tasks.modular_lora_sd import load_detector
+    from tasks.modular_lora.sources import load_detector
 
     for label in ("concept", "1"):
-        det = load_detector({"detector": str(sd_inputs / "detector"), "detector_label": label,
-                             "detector_threshold": 0.5}, torch.device("cpu"))
+        det = load_detector(SimpleNamespace(detector=str(sd_inputs / "detector"), detector_label=label,
+                                            detector_threshold=0.5), torch.device("cpu"))
         assert det.concept_index == 1
 
 
 def test_caption_folder_layouts_prompt_files_and_plugin_detector(tmp_path, monkeypatch):
     from PIL import Image
 
-    from tasks.modular_lora_sd import load_detector, read_caption_folder, read_eval_prompts
+    from tasks.modular_lora.sources import load_detector, read_caption_folder, read_eval_prompts
 
     # images/*.png with same-stem .txt captions (no metadata.jsonl)
     (tmp_path / "kohya" / "images").mkdir(parents=True)
@@ -223,9 +230,9 @@ def test_caption_folder_layouts_prompt_files_and_plugin_detector(tmp_path, monke
         "    def is_concept(self, images):\n        return images.mean(dim=(1, 2, 3)).numpy() > 0.5\n"
         "def make(**kw):\n    return D(**kw)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    det = load_detector({"detector": "my_detector:make", "detector_label": "porn", "detector_threshold": 0.6},
+    det = load_detector(SimpleNamespace(detector="my_detector:make", detector_label="porn", detector_threshold=0.6),
                         "cpu")
-    from models.modular_lora_sd import concept_rate
+    from models.modular_lora.stable_diffusion import concept_rate
 
     assert det.label == "porn"
     assert concept_rate(det, torch.cat([torch.ones(3, 3, 4, 4), torch.zeros(1, 3, 4, 4)])) == 0.75
@@ -234,7 +241,7 @@ def test_caption_folder_layouts_prompt_files_and_plugin_detector(tmp_path, monke
 def test_partial_ddim_sampling_stops_at_the_requested_step():
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
-    from models.modular_lora_sd import ddim_cfg
+    from models.modular_lora.stable_diffusion import ddim_cfg
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, layers_per_block=1,
@@ -254,13 +261,14 @@ def test_partial_ddim_sampling_stops_at_the_requested_step():
 def test_modular_arm_trains_only_its_lora_and_keeps_the_safety_adapter(sd_inputs):
     """On the loaded pipeline UNet: the modular arm trains a new LoRA, leaves ΔW_safe and W0 untouched and
     is used with both adapters on; the lora_on_safe arm leaves the safe model it starts from untouched."""
-    from models import modular_lora as ml
-    from models.modular_lora_sd import finetune_arm_sd, train_safety_lora_sd
-    from tasks.modular_lora_sd import load_parts
+    from models.modular_lora import adapters as ml
+    from models.modular_lora.stable_diffusion import finetune_arm as finetune_arm_sd
+    from models.modular_lora.stable_diffusion import train_safety_lora as train_safety_lora_sd
+    from tasks.modular_lora.sources import load_parts
 
     parts = load_parts(str(sd_inputs / "sd"), torch.device("cpu"), 16)
     train_safety_lora_sd(parts, "a red cat", "esd", 2, 1e-2, 2, "xattn", torch.Generator().manual_seed(0),
-                         ddim_steps=2)
+                         ddim_steps=2, guidance=3.0, esd_scale=3.0, ema_decay=0.999, batch=1)
     before = {k: v.clone() for k, v in parts.unet.state_dict().items()}
     latents = torch.randn(4, 4, 8, 8)
     caps = ["a blue cartoon"] * 4

@@ -1,8 +1,8 @@
 """Modular LoRA at paper scale: the same method on a Stable Diffusion pipeline's UNet, in latent space.
 
 W0 is the pipeline's ``UNet2DConditionModel``, conditioned on its frozen CLIP text encoder; images live in
-the VAE's latent space. The adapters, the merges and the model arithmetic are the CPU scale's
-(``models.modular_lora``: ``lora_config``, ``activate``, ``merged_unet``, ``esd_target``); what changes here:
+the VAE's latent space. The adapters, the arms' set-up, the merges and the model arithmetic are the CPU
+scale's (:mod:`models.modular_lora.adapters`); what changes here:
 
 * ESD and SDD draw x_t as the papers do, by partial DDIM sampling with classifier-free guidance from the
   student (ESD) or the EMA teacher (SDD) with the concept prompt, instead of re-noising real images;
@@ -13,7 +13,6 @@ Pure torch / diffusers / peft / transformers objects: no file I/O, no tracking, 
 """
 from __future__ import annotations
 
-import copy
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
-from models.modular_lora import (FINETUNE, SAFETY, activate, adapter_parameters, adapter_step, esd_target,
-                                 load_ema, lora_config, merged_unet, set_trainable)
+from .adapters import (SAFETY, activate, adapter_parameters, adapter_step, arm_unet, constant_decay_ema, esd_target,
+                       inference_view, lora_config, set_trainable, training_view)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,25 +132,20 @@ def generate(parts: SDParts, prompts: Sequence[str], n_per_prompt: int, steps: i
 # Safety LoRA with ESD / SDD on the pipeline's UNet
 # ----------------------------------------------------------------------------------------------------------
 @contextmanager
-def swapped(params: list[torch.nn.Parameter], values: list[torch.Tensor]):
-    """Temporarily load ``values`` into ``params`` (to sample from SDD's EMA teacher)."""
-    saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, v in zip(params, values):
-            p.copy_(v)
+def ema_weights(ema, params: list[torch.nn.Parameter]):
+    """Temporarily load the EMA weights into ``params`` (to sample from SDD's EMA teacher)."""
+    ema.store(params)
+    ema.copy_to(params)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for p, v in zip(params, saved):
-                p.copy_(v)
+        ema.restore(params)
 
 
-def train_safety_lora_sd(parts: SDParts, concept: str, objective: str, steps: int, lr: float, rank: int,
-                         layers: str, gen: torch.Generator, ddim_steps: int = 50, guidance: float = 3.0,
-                         esd_scale: float = 3.0, ema_decay: float = 0.999, batch: int = 1,
-                         keep_prompts: Sequence[str] = (), preserve_weight: float = 0.0,
-                         on_step: Callable[[int, float], None] | None = None) -> None:
+def train_safety_lora(parts: SDParts, concept: str, objective: str, steps: int, lr: float, rank: int,
+                         layers: str, gen: torch.Generator, ddim_steps: int, guidance: float,
+                      esd_scale: float, ema_decay: float, batch: int, keep_prompts: Sequence[str] = (),
+                      preserve_weight: float = 0.0, on_step: Callable[[int, float], None] | None = None) -> None:
     """Add and train the adapter ``safety`` on the frozen pipeline UNet (in place).
 
     Each step: pick a DDIM index i ~ U{0..ddim_steps-1}, sample x_t by i DDIM+CFG steps with the concept
@@ -170,7 +164,7 @@ def train_safety_lora_sd(parts: SDParts, concept: str, objective: str, steps: in
     activate(unet, {SAFETY: 1.0})
     params = set_trainable(unet, adapter_parameters(unet, SAFETY))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    ema = [p.detach().clone() for p in params] if objective == "sdd" else None
+    ema = constant_decay_ema(params, ema_decay) if objective == "sdd" else None
     c_emb, null_emb = parts.embed([concept] * batch), parts.embed([""] * batch)
     shape = (unet.config.in_channels, parts.latent_size, parts.latent_size)
     rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
@@ -178,7 +172,7 @@ def train_safety_lora_sd(parts: SDParts, concept: str, objective: str, steps: in
         i = rng.randrange(ddim_steps)
         unet.eval()
         if ema is not None:
-            with swapped(params, ema):
+            with ema_weights(ema, params):
                 xt, t = ddim_cfg(unet, parts.sampler(), c_emb, null_emb[:1], ddim_steps, guidance, gen, shape, i)
         else:
             xt, t = ddim_cfg(unet, parts.sampler(), c_emb, null_emb[:1], ddim_steps, guidance, gen, shape, i)
@@ -198,11 +192,11 @@ def train_safety_lora_sd(parts: SDParts, concept: str, objective: str, steps: in
                 keep_target = eps(unet, xt, t, k_emb)
                 unet.enable_adapters()
             loss = loss + preserve_weight * F.mse_loss(eps(unet, xt, t, k_emb), keep_target)
-        adapter_step(opt, params, loss, ema, ema_decay)
+        adapter_step(opt, params, loss, ema)
         if on_step:
             on_step(step, loss.item())
     if ema is not None:  # SDD returns the EMA teacher
-        load_ema(ema, params)
+        ema.copy_to(params)
     unet.requires_grad_(False)
     unet.eval()
 
@@ -210,38 +204,7 @@ def train_safety_lora_sd(parts: SDParts, concept: str, objective: str, steps: in
 # ----------------------------------------------------------------------------------------------------------
 # Benign fine-tuning arms on VAE latents of an image-caption set
 # ----------------------------------------------------------------------------------------------------------
-def arm_unet(arm: str, base: UNet2DConditionModel, rank: int, layers: str
-             ) -> tuple[UNet2DConditionModel, list[torch.nn.Parameter]]:
-    """The model an arm trains and its trainable parameters (the same setup as ``finetune_arm``).
-
-    full: all weights of the merged W0 + ΔW_safe; lora_on_safe: a new ``ft`` LoRA on the merged safe
-    model; modular: a new ``ft`` LoRA on W0 with the safety adapter disabled.
-    """
-    device = next(base.parameters()).device
-    if arm == "modular":
-        unet = copy.deepcopy(base)
-        unet.add_adapter(lora_config(rank, layers=layers), adapter_name=FINETUNE)
-        unet.to(device)
-        activate(unet, {FINETUNE: 1.0})
-        return unet, set_trainable(unet, adapter_parameters(unet, FINETUNE))
-    if arm not in ("full", "lora_on_safe"):
-        raise ValueError(f"unknown arm {arm!r}")
-    unet = merged_unet(base, {SAFETY: 1.0}).to(device)
-    if arm == "full":
-        return unet, set_trainable(unet, unet.parameters())
-    unet.add_adapter(lora_config(rank, layers=layers), adapter_name=FINETUNE)
-    unet.to(device)
-    return unet, set_trainable(unet, adapter_parameters(unet, FINETUNE))
-
-
-def inference_view(arm: str, unet: UNet2DConditionModel) -> UNet2DConditionModel:
-    """The arm's model as used at inference (modular: W0 + ΔW_safe + ΔW_ft, an exact sum of LoRA outputs)."""
-    if arm == "modular":
-        activate(unet, {SAFETY: 1.0, FINETUNE: 1.0})
-    return unet
-
-
-def finetune_arm_sd(arm: str, parts: SDParts, latents: torch.Tensor, captions: Sequence[str], steps: int,
+def finetune_arm(arm: str, parts: SDParts, latents: torch.Tensor, captions: Sequence[str], steps: int,
                     lr: float, batch: int, rank: int, layers: str, gen: torch.Generator, null_prob: float = 0.1,
                     on_step: Callable[[int, float, UNet2DConditionModel], None] | None = None
                     ) -> UNet2DConditionModel:
@@ -272,8 +235,7 @@ def finetune_arm_sd(arm: str, parts: SDParts, latents: torch.Tensor, captions: S
         if on_step:
             unet.eval()
             on_step(step, loss.item(), inference_view(arm, unet))
-            if arm == "modular":
-                activate(unet, {FINETUNE: 1.0})
+            training_view(arm, unet)
     unet.requires_grad_(False)
     unet.eval()
     return inference_view(arm, unet)
@@ -326,9 +288,14 @@ class ImageClassifierDetector:
         return torch.cat(out).numpy()
 
 
-def concept_rate(detector, images: torch.Tensor) -> float:
-    """Share of the images the detector flags as the concept (the harmful rate)."""
-    flags = np.asarray(detector.is_concept(images))
+def concept_flags(detector, images: torch.Tensor) -> np.ndarray:
+    """1.0 for each image the detector flags as the concept, else 0.0 (the per-sample harmful outcome)."""
+    flags = np.asarray(detector.is_concept(images), dtype=np.float64).reshape(-1)
     if flags.size == 0:
         raise ValueError("no images to rate")
-    return float(flags.mean())
+    return flags
+
+
+def concept_rate(detector, images: torch.Tensor) -> float:
+    """Share of the images the detector flags as the concept (the harmful rate)."""
+    return float(concept_flags(detector, images).mean())
