@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import pytest
 
@@ -17,6 +18,7 @@ def test_editing_an_evaluate_module_stales_only_its_evaluate_stage(tmp_path):
     for rel in project_files():
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, repo / rel)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)  # DVC reads dvc.yaml from a git repo
     edited = {f"tasks/{p}/evaluate.py": p for p in papers()}
     for rel in edited:
         with open(repo / rel, "a") as fh:
