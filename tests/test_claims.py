@@ -64,10 +64,12 @@ def test_per_example_finds_a_paired_gain_and_its_detail_rederives():
     diffs = [0.2 + rng.standard_normal(300) for _ in range(3)]
     c = per_example("gain", diffs, margin=0.0)
     assert c.verdict is True
-    out = payload([c, per_seed("tie", [0.0, 0.1, -0.1], margin=0.0)],
-                  [gate("g", 1.0, 0.5)])
+    out, evidence = payload([c, per_seed("tie", [0.0, 0.1, -0.1], margin=0.0)],
+                            [gate("g", 1.0, 0.5, description="a precondition")])
     assert out["claims"] == {"gain": True, "tie": False}
-    assert out["gates"]["g"]["passed"] is True
+    assert out["gates"]["g"] == {"value": 1.0, "threshold": 0.5, "direction": ">=", "passed": True}
+    assert evidence["gates"]["g"]["description"] == "a precondition"
+    assert evidence["claims"]["gain"]["method"] == "bootstrap over seeds and examples"
     for name, detail in out["claims_detail"].items():
         assert rederive(detail) == out["claims"][name]
 
@@ -79,6 +81,19 @@ def test_all_of_needs_every_part():
     assert all_of("all", {"a": good, "a2": good}).verdict is True
     both = all_of("all", {"a": good, "b": bad})
     assert both.verdict is False and both.effect == bad.effect
-    assert all_of("all", {"a": good, "c": untestable}).verdict is None
-    detail = payload([both])["claims_detail"]["all"]
-    assert rederive(detail) is False and set(detail["parts"]) == {"a", "b"}
+    mixed = all_of("mixed", {"a": good, "c": untestable})
+    assert mixed.verdict is None and "part 'c'" in mixed.reason
+    metrics, evidence = payload([both, mixed])
+    detail = metrics["claims_detail"]["all"]
+    assert detail["weakest_part"] == "b" and rederive(detail) is False  # the weakest part decides
+    assert rederive(metrics["claims_detail"]["mixed"]) is None
+    assert set(evidence["claims"]["all"]["parts"]) == {"a", "b"}
+
+
+def test_all_of_verdict_follows_from_the_weakest_part_alone():
+    rng = np.random.default_rng(4)
+    for _ in range(50):
+        parts = {f"p{i}": per_seed(f"p{i}", rng.normal(rng.normal(0, 1), 0.5, 3), margin=0.2,
+                                   direction=rng.choice([">", "<"])) for i in range(3)}
+        claim = all_of("x", parts)
+        assert rederive(payload([claim])[0]["claims_detail"]["x"]) == claim.verdict

@@ -19,19 +19,67 @@ def reproduced(smoke_repo):
     return smoke_repo
 
 
+CLAIMS = {"ambiguity_grows_as_bits_drop", "lpe_error_le_rtn_low_bits", "lpe_nll_below_rtn",
+          "lpe_adds_to_snapshots", "lpe_gain_grows_with_width"}
+
+
 def test_dvc_repro_writes_metrics_with_claims(reproduced):
-    metrics = json.loads((reproduced / "results" / PAPER / "metrics.json").read_text())
-    assert set(metrics["claims"]) >= {"ambiguity_positive", "ambiguity_grows_as_bits_drop",
-                                      "ensemble_beats_members", "lpe_error_le_rtn_low_bits",
-                                      "lpe_adds_to_snapshots"}
-    assert all(isinstance(v, bool) for v in metrics["claims"].values())
-    # claims are computed from the numbers stored beside them
-    amb = metrics["evidence"]["ambiguity_by_bits"]
-    assert metrics["claims"]["ambiguity_positive"] == all(v > 0 for v in amb.values())
-    for png in ("nll_vs_size.png", "nll_vs_memory.png"):
-        assert (reproduced / "results" / PAPER / "plots" / png).stat().st_size > 1000
+    from tasks.core.claims import rederive
+
+    results = reproduced / "results" / PAPER
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert set(metrics["claims"]) == CLAIMS  # the Jensen pair (ambiguity > 0, beats members) is gone
+    assert set(metrics) == {"claims", "claims_detail", "gates", "headline"}
+    # every verdict follows from the numbers stored beside it (effect, CI, margin, gate)
+    for name, verdict in metrics["claims"].items():
+        assert rederive(metrics["claims_detail"][name]) == verdict, name
+    gates = metrics["gates"]
+    assert set(gates) == {"fp32_accuracy", "width_sweep"}
+    assert gates["width_sweep"] == {"value": 3.0, "threshold": 3.0, "direction": ">=", "passed": True}
+    if not gates["fp32_accuracy"]["passed"]:  # a gate that fails makes every claim it guards untestable
+        assert all(v is None for v in metrics["claims"].values())
+        assert "fp32_accuracy" in metrics["claims_detail"]["lpe_nll_below_rtn"]["reason"]
+    assert metrics["claims_detail"]["lpe_nll_below_rtn"]["weakest_part"] in ("int3", "int4")
+    assert set(metrics["headline"]["lpe_gain_by_width"]) == {"8", "16", "32"}
+    evidence = json.loads((results / "evidence.json").read_text())
+    assert set(evidence["claims"]["lpe_nll_below_rtn"]["parts"]) == {"int3", "int4"}
+    assert evidence["gates"]["width_sweep"]["description"] == "widths trained in the sweep"
+    assert len(evidence["width_slopes"]) == 2 and "table" in evidence
+    for png in ("nll_vs_size.png", "nll_vs_memory.png", "lpe_gain_vs_width.png"):
+        assert (results / "plots" / png).stat().st_size > 1000
     shown = dvc(reproduced, "metrics", "show", "--json").stdout
-    assert "ambiguity_positive" in shown
+    assert "lpe_nll_below_rtn" in shown and '"table"' not in shown  # evidence.json is not a metrics file
+
+
+def test_claims_on_hand_made_predictions():
+    """decide() on two seeds of hand-made probabilities: LPE beats RTN by construction."""
+    import numpy as np
+
+    import yaml
+
+    from tasks.lowprec_ensemble.common import EnsembleMeta
+    from tasks.lowprec_ensemble.evaluate import EvaluateParams, decide
+    from tests.conftest import ROOT
+
+    p = EvaluateParams.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text())[PAPER]["evaluate"])
+    rng = np.random.default_rng(0)
+    n, y = 400, rng.integers(0, 10, 400)
+    onehot = lambda conf: np.where(np.eye(10)[y] > 0, conf, (1 - conf) / 9)
+    arrays, rows = {}, {"fp32": [{"err": 0.02}] * 2}
+    for seed in range(2):
+        a = {"labels": y, "rtn_b3": onehot(rng.uniform(0.3, 0.5, (n, 1))), "rtn_b4": onehot(rng.uniform(0.3, 0.5, (n, 1)))}
+        for b in (3, 4):
+            a[f"lpe_b{b}"] = np.stack([onehot(rng.uniform(0.7, 0.9, (n, 1))) for _ in range(10)])
+        arrays[seed] = a
+    for b, amb in ((3, [0.3, 0.31]), (4, [0.1, 0.12])):
+        rows[f"lpe_b{b}_m10"] = [{"amb": v} for v in amb]
+    meta = EnsembleMeta(seeds=[0, 1], bits=[3, 4], sizes=[10], quantized_params=1, fp_params=1,
+                        snapshot_lpe_bits=4, snapshot_lpe_members=1, widths=[], width_bits=4)
+    claims = {c.name: c for c in decide(arrays, rows, meta, p)[0]}
+    assert claims["lpe_nll_below_rtn"].verdict is True and claims["lpe_nll_below_rtn"].effect < 0
+    assert claims["ambiguity_grows_as_bits_drop"].verdict is True
+    assert claims["lpe_error_le_rtn_low_bits"].verdict is False  # argmax is right for both: no difference
+    assert claims["lpe_gain_grows_with_width"].verdict is None  # gate: no width sweep
 
 
 def test_second_repro_does_nothing(reproduced):
@@ -64,6 +112,7 @@ def test_prefect_flow_logs_parent_and_child_runs(tmp_path, prefect_harness, mlfl
     assert train["metrics.stage_seconds"] > 0
     evaluate = runs[runs["tags.mlflow.runName"] == f"{PAPER}-evaluate"].iloc[0]
     assert "metrics.amb_b3" in runs.columns and evaluate["metrics.amb_b3"] > 0
+    assert "metrics.effect_lpe_nll_below_rtn" in runs.columns
     arts = mlflow.artifacts.list_artifacts(run_id=evaluate["run_id"], artifact_path="results/plots")
     assert any(a.path.endswith("nll_vs_size.png") for a in arts)
     parent = mlflow.get_run(parent_id)
@@ -112,4 +161,7 @@ def test_paper_scale_vit_path_on_a_tiny_saved_model(tmp_path, mlflow_uri):
         run_stage(PAPER, stage, root=tmp_path)
     metrics = json.loads((tmp_path / "results" / PAPER / "metrics.json").read_text())
     assert "lpe_adds_to_snapshots" not in metrics["claims"]  # no snapshot baseline at paper scale
-    assert metrics["table"]["lpe_b4_m2"]["nll"]["mean"] > 0
+    assert metrics["claims"]["lpe_gain_grows_with_width"] is None  # no width sweep of a pretrained ViT
+    assert metrics["gates"]["width_sweep"]["passed"] is False
+    evidence = json.loads((tmp_path / "results" / PAPER / "evidence.json").read_text())
+    assert evidence["table"]["lpe_b4_m2"]["nll"]["mean"] > 0

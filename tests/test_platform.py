@@ -187,3 +187,14 @@ def test_map_jobs_keeps_order_uses_one_thread_per_worker_and_raises_failures():
         map_jobs(_square_in_worker, [1, -1], workers=2)
     with pytest.raises(ValueError, match="workers"):
         map_jobs(_square_in_worker, [1], workers=0)
+
+
+def test_only_dvc_lock_errors_before_a_stage_ran_are_retried():
+    from flows.core import dvc_lock_error
+
+    assert dvc_lock_error("ERROR: Unable to acquire lock. Most likely another DVC process is running")
+    assert dvc_lock_error("ERROR: failed to reproduce 'x-prepare': '/r/a' is busy, it is being blocked by: (PID 9)")
+    # a stage's own output (MLflow's SQLite) is no DVC lock error, and a finished stage is never re-run
+    assert not dvc_lock_error("sqlite3.OperationalError: database is locked\nERROR: failed to reproduce")
+    assert not dvc_lock_error("Running stage 'x-train':\n[paperflows] x-train done in 3.0 s\n"
+                              "ERROR: Unable to acquire lock")

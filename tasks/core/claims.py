@@ -20,7 +20,9 @@ Two estimators:
   that both the seed spread and the finite test set enter the interval.
 
 :func:`all_of` joins parts that must all hold (e.g. one per sampler). :func:`payload` gives the
-``claims`` / ``claims_detail`` / ``gates`` objects of ``results/<paper>/metrics.json``.
+``claims`` / ``claims_detail`` / ``gates`` objects of ``results/<paper>/metrics.json`` (lean: effect,
+CI, margin, direction, n, and the gate and reason of an untestable claim) and their long form for
+``evidence.json`` (statements, estimators, every part of an ``all_of``).
 """
 from __future__ import annotations
 
@@ -55,11 +57,8 @@ class Gate:
         return self.value >= self.threshold if self.direction == ">=" else self.value <= self.threshold
 
     def to_dict(self) -> dict:
-        out = {"value": _num(self.value), "threshold": _num(self.threshold), "direction": self.direction,
-               "passed": self.passed}
-        if self.description:
-            out["description"] = self.description
-        return out
+        return {"value": _num(self.value), "threshold": _num(self.threshold), "direction": self.direction,
+                "passed": self.passed}
 
 
 def gate(name: str, value: float, threshold: float, direction: str = ">=", description: str = "") -> Gate:
@@ -82,18 +81,26 @@ class Claim:
     parts: dict[str, "Claim"] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        out = {"verdict": self.verdict, "effect": _num(self.effect),
-               "ci": [_num(self.ci[0]), _num(self.ci[1])], "margin": _num(self.margin),
-               "direction": self.direction, "n": self.n, "method": self.method}
-        if self.statement:
-            out["statement"] = self.statement
-        if self.gate:
-            out["gate"] = self.gate
-        if self.reason:
-            out["reason"] = self.reason
+        """The lean entry of metrics.json's ``claims_detail``: enough to re-derive the verdict."""
+        out = {"effect": _num(self.effect), "ci": [_num(self.ci[0]), _num(self.ci[1])],
+               "margin": _num(self.margin), "direction": self.direction, "n": self.n}
         if self.parts:
-            out["parts"] = {k: v.to_dict() for k, v in self.parts.items()}
+            out["weakest_part"] = self.weakest
+        if self.verdict is None:
+            out["gate"] = self.gate
+            out["reason"] = self.reason
         return out
+
+    def explain(self) -> dict:
+        """The long form for evidence.json: statement, estimator, verdict and every part."""
+        out = {"statement": self.statement, "method": self.method, "verdict": self.verdict, **self.to_dict()}
+        if self.parts:
+            out["parts"] = {k: v.explain() for k, v in self.parts.items()}
+        return out
+
+    @property
+    def weakest(self) -> str | None:
+        return min(self.parts, key=lambda k: _slack(self.parts[k])) if self.parts else None
 
 
 def _num(x: float) -> float | None:
@@ -176,50 +183,48 @@ def per_example(name: str, diffs_by_seed: Sequence[np.ndarray], *, margin: float
                   "bootstrap over seeds and examples", statement, gates, min_n=1)
 
 
-def all_of(name: str, parts: dict[str, Claim], statement: str = "") -> Claim:
-    """A claim that holds when every part holds; ``None`` when a part is untestable and none failed.
+def _slack(c: Claim) -> float:
+    """How far the CI lies beyond the margin (negative: short of it; -inf: no CI)."""
+    low, high = c.ci
+    edge = low - c.margin if c.direction == ">" else c.margin - high
+    return edge if math.isfinite(edge) else -math.inf
 
-    Its effect, CI and margin are those of the weakest part (the one whose CI comes closest to, or
-    lies furthest past, its margin)."""
+
+def all_of(name: str, parts: dict[str, Claim], statement: str = "") -> Claim:
+    """A claim that holds when every part holds, untestable when any part is.
+
+    Its effect, CI and margin are those of the weakest part (the one whose CI comes closest to, or lies
+    furthest short of, its margin), so the verdict follows from them alone."""
     if not parts:
         raise ValueError(f"claim {name} has no parts")
-
-    def slack(c: Claim) -> float:
-        low, high = c.ci
-        edge = low - c.margin if c.direction == ">" else c.margin - high
-        return edge if math.isfinite(edge) else -math.inf
-
-    weakest = min(parts.values(), key=slack)
-    verdicts = [c.verdict for c in parts.values()]
-    if any(v is False for v in verdicts):
-        verdict, reason, gate_name = False, None, None
-    elif any(v is None for v in verdicts):
-        bad = next(c for c in parts.values() if c.verdict is None)
+    weakest = min(parts.values(), key=_slack)
+    untestable = [c for c in parts.values() if c.verdict is None]
+    if untestable:
+        bad = untestable[0]
         verdict, reason, gate_name = None, f"part '{bad.name}': {bad.reason}", bad.gate
     else:
-        verdict, reason, gate_name = True, None, None
+        verdict, reason, gate_name = all(c.verdict for c in parts.values()), None, None
     return Claim(name, weakest.effect, weakest.ci, weakest.margin, weakest.direction, weakest.n, verdict,
                  f"all of {len(parts)} parts (weakest shown)", statement, gate_name, reason, dict(parts))
 
 
-def payload(claims: Iterable[Claim], gates: Iterable[Gate] = ()) -> dict:
-    """The ``claims``, ``claims_detail`` and ``gates`` objects of metrics.json."""
-    claims = list(claims)
+def payload(claims: Iterable[Claim], gates: Iterable[Gate] = ()) -> tuple[dict, dict]:
+    """(metrics, evidence): the lean ``claims``, ``claims_detail`` and ``gates`` objects of metrics.json,
+    and their long form (statements, estimators, parts, gate descriptions) for evidence.json."""
+    claims, gates = list(claims), list(gates)
     names = [c.name for c in claims]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate claim names: {names}")
-    return {"claims": {c.name: c.verdict for c in claims},
-            "claims_detail": {c.name: c.to_dict() for c in claims},
-            "gates": {g.name: g.to_dict() for g in gates}}
+    metrics = {"claims": {c.name: c.verdict for c in claims},
+               "claims_detail": {c.name: c.to_dict() for c in claims},
+               "gates": {g.name: g.to_dict() for g in gates}}
+    evidence = {"claims": {c.name: c.explain() for c in claims},
+                "gates": {g.name: {**g.to_dict(), "description": g.description} for g in gates}}
+    return metrics, evidence
 
 
 def rederive(detail: dict) -> bool | None:
     """The verdict that a ``claims_detail`` entry's own numbers give (for tests and readers)."""
-    if detail.get("parts"):
-        parts = [rederive(p) for p in detail["parts"].values()]
-        if any(v is False for v in parts):
-            return False
-        return None if any(v is None for v in parts) else True
-    if detail.get("gate") or detail["ci"][0] is None:
+    if "reason" in detail or detail["ci"][0] is None or detail["ci"][1] is None:
         return None
     return verdict_of(tuple(detail["ci"]), detail["margin"], detail["direction"])

@@ -115,8 +115,8 @@ class StageContext:
                       evidence: dict | None = None) -> Path:
         """results/<paper>/metrics.json: ``claims`` (true/false/null), ``claims_detail`` (effect, CI,
         margin, n, gate and reason), ``gates`` and at most ``HEADLINE_LIMIT`` headline numbers named
-        as the paper's tables name them; everything else goes to ``evidence.json`` beside it (logged
-        to MLflow with the results folder)."""
+        as the paper's tables name them; the claims' long form (statements, parts) and everything
+        else go to ``evidence.json`` beside it (logged to MLflow with the results folder)."""
         from .claims import payload
 
         if self.results_dir is None:
@@ -127,12 +127,11 @@ class StageContext:
         if leaves > HEADLINE_LIMIT:
             raise ValueError(f"metrics.json takes at most {HEADLINE_LIMIT} headline numbers, got {leaves}: "
                              f"move the rest to evidence")
-        data = payload(claims, gates)
+        data, claims_evidence = payload(claims, gates)
         data["headline"] = headline
         path = self.results_dir / "metrics.json"
         io.write_json(path, data)
-        if evidence is not None:
-            io.write_json(self.results_dir / "evidence.json", evidence)
+        io.write_json(self.results_dir / "evidence.json", {**claims_evidence, **(evidence or {})})
         return path
 
     def results_file(self, name: str) -> Path:
