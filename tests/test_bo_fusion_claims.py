@@ -53,7 +53,7 @@ def test_a_seed_that_never_learned_makes_the_fusion_claims_untestable():
     claims, learned = fusion_claims(_scores([0.80, 0.83, 0.81]), [0.0] * 3, [0.8, 0.26, 0.8], P)
     assert not learned.passed
     assert all(c.verdict is None and c.gate == "members_learn" for c in claims)
-    out = payload(claims, [learned])
+    out, _ = payload(claims, [learned])
     assert all(rederive(out["claims_detail"][n]) == v for n, v in out["claims"].items())
 
 
@@ -61,6 +61,6 @@ def test_hpo_transfer_compares_the_chosen_lr_with_the_grids_best_per_seed():
     ok, g = transfer_claim([0.80, 0.79, 0.82], [0.81, 0.80, 0.82], P)
     assert g.passed and ok.verdict is True
     bad, _ = transfer_claim([0.66, 0.70, 0.68], [0.77, 0.78, 0.76], P)
-    assert bad.verdict is False and bad.effect < P.transfer_margin
+    assert bad.verdict is False and bad.effect < P.margins.hpo_transfers
     untestable, g = transfer_claim([0.3, 0.3], [0.3, 0.3], P)
     assert not g.passed and untestable.verdict is None

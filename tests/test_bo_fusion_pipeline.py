@@ -77,7 +77,7 @@ def test_dvc_repro_and_prefect_flow_at_smoke_scale(smoke_repo, tmp_path, prefect
     per_seed = full["per_seed_test_f1"]
     diffs = [b - u for b, u in zip(per_seed["bomf"], per_seed["uniform_average"])]
     assert swa["effect"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-6)
-    assert swa["margin"] == _section("evaluate")["beats_margin"]
+    assert swa["margin"] == _section("evaluate")["margins"]["bomf_beats"]
     t = full["table"]
     assert metrics["headline"]["test_macro_f1"]["full"]["bomf"] == pytest.approx(t["bomf"]["test_f1"]["mean"])
     assert set(evidence["variants"]) == {"full", "lora"}  # the LoRA variant runs through the same fusion code

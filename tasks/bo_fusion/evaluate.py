@@ -12,17 +12,21 @@ from tasks.core.claims import Claim, Gate, all_of, gate, per_seed
 from tasks.metrics import mean_std
 
 
+class Margins(Params):
+    bomf_beats: float = Field(description="'BOMF beats X' (and each part of multi_objective_beats_single): "
+                              "the 95% CI of the per-seed paired difference of test macro-F1 (BOMF - X) "
+                              "must lie above this")
+    loss_metric_mismatch: float = Field(ge=-1, le=1, description="the 95% CI of the per-seed Spearman "
+                                        "rho(val loss, val macro-F1) over the stage-2 checkpoints must lie "
+                                        "above this (-1 = the loss ranks them perfectly)")
+    hpo_transfers: float = Field(description="the 95% CI of the per-seed val macro-F1 of the full model at "
+                                 "the proxy's lr minus that at the grid's best lr must lie above this")
+
+
 class EvaluateParams(Params):
-    beats_margin: float = Field(description="'BOMF beats X': the 95% CI of the per-seed paired difference "
-                                "of test macro-F1 (BOMF - X) must lie above this")
-    mismatch_rho_margin: float = Field(ge=-1, le=1, description="loss_metric_mismatch: the 95% CI of the "
-                                       "per-seed Spearman rho(val loss, val macro-F1) over the stage-2 "
-                                       "checkpoints must lie above this (-1 = loss ranks them perfectly)")
-    transfer_margin: float = Field(description="hpo_transfers: the 95% CI of the per-seed val macro-F1 of "
-                                   "the full model at the proxy's lr minus that at the grid's best lr must "
-                                   "lie above this")
     min_learned_val_f1: float = Field(ge=0, le=1, description="gates: every seed's best stage-2 checkpoint "
                                       "(and best grid run) reaches this val macro-F1 (majority class: 0.25)")
+    margins: Margins
 
 
 METHODS = ("bomf", "best_checkpoint", "last_checkpoint", "uniform_average", "greedy_soup",
@@ -101,10 +105,10 @@ def fusion_claims(per_seed_test_f1: dict[str, list[float]], checkpoint_rho: list
 
     def beats(name: str, other: str) -> Claim:
         diffs = [b - o for b, o in zip(per_seed_test_f1["bomf"], per_seed_test_f1[other])]
-        return per_seed(name, diffs, margin=p.beats_margin, direction=">", gates=[learned],
+        return per_seed(name, diffs, margin=p.margins.bomf_beats, direction=">", gates=[learned],
                         statement=f"test macro-F1 of BOMF minus {other}, paired by seed")
 
-    claims = [per_seed("loss_metric_mismatch", checkpoint_rho, margin=p.mismatch_rho_margin, direction=">",
+    claims = [per_seed("loss_metric_mismatch", checkpoint_rho, margin=p.margins.loss_metric_mismatch, direction=">",
                        gates=[learned], statement="Spearman rho(val loss, val macro-F1) over the K stage-2 "
                        "checkpoints per seed lies above the margin (-1: the loss ranks them perfectly)")]
     claims += [beats(name, other) for name, other in BEATS.items()]
@@ -120,7 +124,7 @@ def transfer_claim(val_f1_at_chosen: list[float], grid_best_val_f1: list[float],
     grid_learns = gate("grid_learns", min(grid_best_val_f1), p.min_learned_val_f1, ">=",
                        "lowest over seeds of the full model's best val macro-F1 on the lr grid")
     diffs = [c - g for c, g in zip(val_f1_at_chosen, grid_best_val_f1)]
-    return per_seed("hpo_transfers", diffs, margin=p.transfer_margin, direction=">", gates=[grid_learns],
+    return per_seed("hpo_transfers", diffs, margin=p.margins.hpo_transfers, direction=">", gates=[grid_learns],
                     statement="full-model val macro-F1 at the proxy's lr minus at the grid's best lr, per seed"), \
         grid_learns
 
