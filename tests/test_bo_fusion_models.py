@@ -112,7 +112,7 @@ def test_finetune_collects_checkpoints_and_lowers_training_loss():
                             weight_decay=0.0, seed=0)
 
 
-FAST = bo.AcquisitionBudget(num_restarts=2, raw_samples=32, mc_samples=32, maxiter=30)
+FAST = bo.AcquisitionBudget(num_restarts=2, raw_samples=32, mc_samples=32, maxiter=30, fit_maxiter=None)
 
 
 def test_single_objective_bo_finds_the_peak_of_a_smooth_function():
@@ -148,13 +148,14 @@ def test_two_objective_bo_stays_in_bounds_and_grows_hypervolume_on_a_known_front
 
 def test_bo_rejects_empty_search_space_and_bad_budgets():
     with pytest.raises(ValueError, match="empty search space"):
-        bo.maximise_single_objective(lambda x: 0.0, torch.zeros(2, 0), n_initial=2, n_iterations=1, seed=0)
+        bo.maximise_single_objective(lambda x: 0.0, torch.zeros(2, 0), n_initial=2, n_iterations=1, seed=0,
+                                     budget=FAST)
     with pytest.raises(ValueError, match="upper bound"):
         bo.maximise_two_objectives(lambda x: [0, 0], torch.tensor([[1.0], [0.0]]), [0, 0], n_initial=2,
-                                   n_iterations=1, seed=0)
+                                   n_iterations=1, seed=0, budget=FAST)
     with pytest.raises(ValueError, match="n_initial"):
         bo.maximise_single_objective(lambda x: 0.0, torch.tensor([[0.0], [1.0]]), n_initial=0,
-                                     n_iterations=1, seed=0)
+                                     n_iterations=1, seed=0, budget=FAST)
 
 
 def test_greedy_soup_adds_members_only_while_metric_does_not_drop():

@@ -25,11 +25,13 @@ class BOTrace:
 
 @dataclass
 class AcquisitionBudget:
-    num_restarts: int = 4
-    raw_samples: int = 128
-    mc_samples: int = 64
-    maxiter: int = 100
-    fit_maxiter: int | None = None  # L-BFGS iterations of the GP hyperparameter fit (None: botorch's)
+    """How hard each BO iteration works (every value comes from the stage's params)."""
+
+    num_restarts: int
+    raw_samples: int
+    mc_samples: int   # quasi-MC samples of the acquisition function
+    maxiter: int      # L-BFGS iterations of the acquisition optimisation
+    fit_maxiter: int | None  # L-BFGS iterations of the GP hyperparameter fit (None: botorch's)
 
     def fit(self, mll) -> None:
         from botorch.fit import fit_gpytorch_mll
@@ -68,7 +70,7 @@ def maximise_single_objective(
     n_initial: int,
     n_iterations: int,
     seed: int,
-    budget: AcquisitionBudget | None = None,
+    budget: AcquisitionBudget,
     initial_X: Tensor | None = None,
     round_input: Callable[[Tensor], Tensor] | None = None,
 ) -> BOTrace:
@@ -81,7 +83,6 @@ def maximise_single_objective(
 
     bounds = bounds.double()
     _check_bo_args(bounds, n_initial, n_iterations)
-    budget = budget or AcquisitionBudget()
     rnd = round_input or (lambda x: x)
     X0 = initial_X.double() if initial_X is not None else sobol_points(bounds, n_initial, seed)
     xs, ys = [], []
@@ -133,7 +134,7 @@ def maximise_two_objectives(
     n_initial: int,
     n_iterations: int,
     seed: int,
-    budget: AcquisitionBudget | None = None,
+    budget: AcquisitionBudget,
     initial_X: Tensor | None = None,
 ) -> BOTrace:
     """Multi-objective BO: one SingleTaskGP per objective in a ModelListGP (fitted jointly through
@@ -148,7 +149,6 @@ def maximise_two_objectives(
 
     bounds = bounds.double()
     _check_bo_args(bounds, n_initial, n_iterations)
-    budget = budget or AcquisitionBudget()
     ref = torch.as_tensor(ref_point, dtype=torch.double)
     X0 = initial_X.double() if initial_X is not None else sobol_points(bounds, n_initial, seed)
     xs, ys = [], []

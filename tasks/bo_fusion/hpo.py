@@ -33,6 +33,8 @@ class HpoParams(Params):
                                       "and data order); the proxy search runs once, at the global seed")
     num_restarts: int = Field(gt=0)
     raw_samples: int = Field(gt=0)
+    mc_samples: int = Field(gt=0, description="quasi-MC samples of qLogEI")
+    maxiter: int = Field(gt=0, description="L-BFGS iterations of the acquisition optimisation")
     gp_fit_maxiter: int | None = Field(gt=0, description="L-BFGS iterations of each GP fit (null: "
                                        "botorch's default)")
 
@@ -92,7 +94,8 @@ def _proxy_search(ctx: StageContext, p: HpoParams, meta: PreparedMeta, tensors: 
         ctx.log_metrics({f"{variant}_proxy_val_f1": best}, step=len(runs))
         return best
 
-    budget = AcquisitionBudget(num_restarts=p.num_restarts, raw_samples=p.raw_samples, fit_maxiter=p.gp_fit_maxiter)
+    budget = AcquisitionBudget(num_restarts=p.num_restarts, raw_samples=p.raw_samples, mc_samples=p.mc_samples,
+                               maxiter=p.maxiter, fit_maxiter=p.gp_fit_maxiter)
     bounds = torch.tensor([p.log10_lr_bounds[variant], p.batch_size_bounds], dtype=torch.double).T.contiguous()
     t0 = time.perf_counter()
     trace = maximise_single_objective(objective, bounds, n_initial=p.n_initial, n_iterations=p.n_iterations,
