@@ -91,6 +91,13 @@ def _params(**kw):
                                     n_plot_series=1), **kw})
 
 
+def test_a_poisoned_param_fails_the_repro_and_keeps_every_output(smoke_repo):
+    from tests.conftest import assert_poisoned_param_keeps_outputs, dvc as _dvc
+
+    _dvc(smoke_repo, "repro", f"{PAPER}-evaluate")  # up to date after the test above
+    assert_poisoned_param_keeps_outputs(smoke_repo, PAPER)
+
+
 def test_beats_baselines_needs_a_per_seed_ci_past_the_margin_for_every_baseline():
     from tasks.acssm.evaluate import decide_claims
 

@@ -114,6 +114,13 @@ def _tiny_models(tmp_path):
     return roberta, llama
 
 
+def test_a_poisoned_param_fails_the_repro_and_keeps_every_output(smoke_repo):
+    from tests.conftest import assert_poisoned_param_keeps_outputs, dvc as _dvc
+
+    _dvc(smoke_repo, "repro", f"{PAPER}-evaluate")  # up to date after the test above
+    assert_poisoned_param_keeps_outputs(smoke_repo, PAPER)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["roberta", "causal_lm_lora"])
 def test_paper_scale_path_on_tiny_saved_models(tmp_path, mlflow_uri, kind):

@@ -206,6 +206,8 @@ def test_missing_or_wrong_inputs_are_clear_errors(sd_inputs, tmp_path):
 
 
 def test_caption_folder_layouts_prompt_files_and_plugin_detector(tmp_path, monkeypatch):
+    from tasks.core.errors import ParamsError
+
     from PIL import Image
 
     from tasks.modular_lora.sources import load_detector, read_caption_folder, read_eval_prompts
@@ -230,6 +232,10 @@ def test_caption_folder_layouts_prompt_files_and_plugin_detector(tmp_path, monke
         "    def is_concept(self, images):\n        return images.mean(dim=(1, 2, 3)).numpy() > 0.5\n"
         "def make(**kw):\n    return D(**kw)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ParamsError, match="plug-ins are imported only from the project's models/"):
+        load_detector(SimpleNamespace(detector="my_detector:make", detector_label="porn", detector_threshold=0.6),
+                      "cpu")
+    monkeypatch.setenv("PAPERFLOWS_DETECTOR_PLUGINS", "some_pkg,my_detector")
     det = load_detector(SimpleNamespace(detector="my_detector:make", detector_label="porn", detector_threshold=0.6),
                         "cpu")
     from models.modular_lora.stable_diffusion import concept_rate

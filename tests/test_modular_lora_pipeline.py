@@ -78,6 +78,13 @@ def test_bad_params_stop_before_compute(reproduced):
         path.write_text(text)
 
 
+def test_a_poisoned_param_fails_the_repro_and_keeps_every_output(smoke_repo):
+    from tests.conftest import assert_poisoned_param_keeps_outputs, dvc as _dvc
+
+    _dvc(smoke_repo, "repro", f"{PAPER}-evaluate")  # up to date after the test above
+    assert_poisoned_param_keeps_outputs(smoke_repo, PAPER)
+
+
 def test_prefect_flow_runs_every_stage_as_child_runs(tmp_path, prefect_harness, mlflow_uri, monkeypatch):
     import mlflow
 

@@ -28,7 +28,7 @@ def load_classifier(path: Path, num_labels: int, num_layers: int | None) -> nn.M
     if num_layers:
         kw["num_hidden_layers"] = num_layers
     config = AutoConfig.from_pretrained(path, **kw)
-    model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+    model = AutoModelForSequenceClassification.from_pretrained(path, config=config, use_safetensors=True)
     if model.config.pad_token_id is None:  # causal LMs: classify at the last non-pad token
         model.config.pad_token_id = model.config.eos_token_id or 0
     return model

@@ -9,7 +9,7 @@ and merges, the arms' set-up, the adapter steps of the safety objectives and the
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -148,6 +148,17 @@ def training_view(arm: str, unet: UNet2DConditionModel) -> UNet2DConditionModel:
     if arm == "modular":
         activate(unet, {FINETUNE: 1.0})
     return unet
+
+
+def report_step(on_step: Callable | None, step: int, loss: torch.Tensor, arm: str,
+                unet: UNet2DConditionModel) -> None:
+    """Hand ``on_step(step, loss, model)`` the arm's inference view after an update (the
+    re-emergence curves), then return the UNet to its training view."""
+    if on_step:
+        unet.eval()
+        on_step(step, loss.item(), inference_view(arm, unet))
+        training_view(arm, unet)
+        unet.train()
 
 
 def arm_state(arm: str, unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
 from .adapters import (SAFETY, activate, adapter_parameters, adapter_step, arm_unet, constant_decay_ema, esd_target,
-                       inference_view, lora_config, set_trainable, training_view)
+                       inference_view, lora_config, report_step, set_trainable)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -228,14 +228,8 @@ def finetune_arm(arm: str, parts: SDParts, latents: torch.Tensor, captions: Sequ
         t = torch.randint(0, T, (batch,), generator=gen).to(parts.device)
         unet.train()
         loss = F.mse_loss(eps(unet, sched.add_noise(x0, noise, t), t, emb), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if on_step:
-            unet.eval()
-            on_step(step, loss.item(), inference_view(arm, unet))
-            training_view(arm, unet)
+        adapter_step(opt, params, loss)
+        report_step(on_step, step, loss, arm, unet)
     unet.requires_grad_(False)
     unet.eval()
     return inference_view(arm, unet)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
 from .adapters import (SAFETY, activate, adapter_parameters, adapter_step, arm_unet, constant_decay_ema, esd_target,
-                       inference_view, lora_config, set_trainable, training_view)
+                       inference_view, lora_config, report_step, set_trainable)
 
 # ----------------------------------------------------------------------------------------------------------
 # Vocabulary of the toy prompts: [style, digit]. NULL is the empty prompt used for classifier-free guidance.
@@ -221,15 +221,8 @@ def finetune_arm(arm: str, base: UNet2DConditionModel, text: TinyTextEncoder, im
     for step in range(steps):
         i = torch.randint(0, len(images), (batch,), generator=gen)
         loss = denoising_loss(den, sched, images[i], tokens[i], gen, null_prob=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if on_step:
-            unet.eval()
-            on_step(step, loss.item(), inference_view(arm, unet))
-            training_view(arm, unet)
-            unet.train()
+        adapter_step(opt, params, loss)
+        report_step(on_step, step, loss, arm, unet)
     for p in unet.parameters():
         p.requires_grad_(False)
     return inference_view(arm, unet)

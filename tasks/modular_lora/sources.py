@@ -5,6 +5,7 @@ folder, a prompts file and a pluggable harm detector. Every error names the para
 from __future__ import annotations
 
 import importlib
+import os
 import json
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def load_parts(model_dir: str, device, resolution: int):
 
     path = check_pipeline_folder(model_dir)
     pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False, dtype=torch.float32)
+                                                   requires_safety_checker=False, dtype=torch.float32,
+                                                   use_safetensors=True)
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     if resolution % factor:
         raise ParamsError(f"{_key('resolution')} = {resolution} is not a multiple of the VAE's downsampling "
@@ -176,7 +178,7 @@ def _classifier(folder: str, key: str, device, label: str | None = None, thresho
     if not (path / "config.json").is_file():
         raise MissingInputError(f"{_key(key)} = '{folder}' is neither a `from_pretrained` image-classifier "
                                 f"folder (no config.json) nor a 'module:factory' plug-in.")
-    model = AutoModelForImageClassification.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForImageClassification.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
     index = 0
     if label is not None:
         label2id = {str(k): int(v) for k, v in (model.config.label2id or {}).items()}
@@ -201,6 +203,9 @@ def _classifier(folder: str, key: str, device, label: str | None = None, thresho
                                    device, threshold)
 
 
+PLUGINS_ENV = "PAPERFLOWS_DETECTOR_PLUGINS"  # extra packages a detector plug-in may be imported from
+
+
 def load_detector(data, device):
     """The harm detector named in prepare's data.json (``data``: its record, or prepare's params): a local
     image-classifier folder, or a plug-in.
@@ -212,6 +217,11 @@ def load_detector(data, device):
     spec, label, threshold = data.detector, str(data.detector_label), data.detector_threshold
     if ":" in spec and not Path(spec).exists():
         module, _, attr = spec.partition(":")
+        allowed = ("models", *filter(None, os.environ.get(PLUGINS_ENV, "").split(",")))
+        if not any(module == p or module.startswith(p + ".") for p in allowed):
+            raise ParamsError(f"{_key('detector')} = '{spec}': plug-ins are imported only from the project's "
+                              f"models/ package (e.g. 'models.detectors.nudenet:make') or from packages listed "
+                              f"in ${PLUGINS_ENV} (comma-separated); '{module}' is neither.")
         try:
             factory = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:
