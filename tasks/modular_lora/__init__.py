@@ -1,5 +1,7 @@
-"""Safety alignment backfires / Modular LoRA: a safety LoRA erases a concept, benign fine-tuning brings it
-back, and Modular LoRA (the fine-tuning LoRA trained apart, both adapters summed at inference) keeps it away.
+"""Safety alignment backfires / Modular LoRA (text-to-image diffusion).
+
+A safety LoRA erases a concept, benign fine-tuning brings it back, and Modular LoRA (the fine-tuning LoRA
+trained apart, both adapters summed at inference) keeps it away.
 
 prepare  -> data and harm detector (digits, or a local SD pipeline's caption folder, prompts and detector)
 pretrain -> W0 (trained on the digits with a quality gate, or the pipeline's UNet as it is)
