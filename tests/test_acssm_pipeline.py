@@ -51,7 +51,7 @@ def test_dvc_repro_writes_metrics_claims_and_plots(smoke_repo):
         assert g["value"] == pytest.approx(skill, abs=1e-5) and g["threshold"] == margins["min_skill"]
         assert g["passed"] == (skill >= margins["min_skill"])
         # claims are paired per seed against each baseline, from the per-seed scores beside them
-        detail = metrics["claims_detail"][f"acssm_beats_baselines_{task}"]
+        detail = evidence["claims"][f"acssm_beats_baselines_{task}"]  # the long form holds every part
         assert set(detail["parts"]) == {"gru_dt", "latent_sde"}
         for base, part in detail["parts"].items():
             sign = 1 if task == "classification" else -1

@@ -14,7 +14,7 @@ def test_pipeline_at_smoke_scale_through_the_prefect_flow(tmp_path, monkeypatch,
     monkeypatch.chdir(repo)
     from flows.early_exit_diffusion import early_exit_diffusion
 
-    out = early_exit_diffusion(scale="smoke")
+    out = early_exit_diffusion()  # the clone's params.yaml is the smoke scale: a default run writes results/
     assert out["stages_run"] == 4
     _, evidence = check_results(repo)
     assert evidence["seeds"] == [0, 1]
