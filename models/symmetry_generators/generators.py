@@ -48,7 +48,7 @@ def orthonormaliser(raw: torch.Tensor) -> torch.Tensor:
     flat = raw.reshape(-1, raw.shape[-2], 3)
     gram = torch.einsum("nac,nbc->ab", flat, flat) / flat.shape[0]
     eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-    chol = torch.linalg.cholesky(gram + 1e-6 * eye)
+    chol = torch.linalg.cholesky(gram + 1e-9 * gram.diagonal().mean() * eye)  # relative jitter
     return torch.linalg.solve_triangular(chol, eye, upper=False)
 
 

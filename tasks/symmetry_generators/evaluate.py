@@ -40,9 +40,9 @@ def seed_fields(meta: dict, seed: int, folder, points, grid, n_random: int) -> d
         torch.manual_seed(10_000 + 100 * seed + k)
         net = GeneratorNet(1, meta["width"], meta["head_width"]).double()
         fields[f"random{k}"] = normalised(net.field(0), flat)
-    net = GeneratorNet(meta["n_generators"], meta["width"], meta["head_width"])
+    net = GeneratorNet(meta["n_generators"], meta["width"], meta["head_width"]).double()
     net.load_state_dict(io.load_state(folder / generator_file(seed)))
-    net = net.double().eval()
+    net.eval()
     for i in range(meta["n_generators"]):
         fields[f"learned{i}"] = normalised(net.field(i), flat)
     return fields

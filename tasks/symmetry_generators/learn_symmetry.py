@@ -37,7 +37,8 @@ class SeedJob:
 
 
 def train_seed(job: SeedJob) -> dict:
-    """Train one seed's generators (float32) and return its state and loss curve."""
+    """Train one seed's generators (float64: the floor of the least-squares fit is lower than in float32)
+    and return its state and loss curve."""
     import torch
 
     from models.symmetry_generators.generators import GeneratorNet, TrainConfig, fit_generators
@@ -45,10 +46,10 @@ def train_seed(job: SeedJob) -> dict:
     p = LearnSymmetryParams.model_validate(job.params)
     folder = Path(job.data_dir)
     grid = DataMeta.read(folder).grid()
-    u, times = load_split(folder, "train", torch.float32)
+    u, times = load_split(folder, "train", torch.float64)
     torch.manual_seed(job.seed)
     gen = torch.Generator().manual_seed(job.seed)
-    net = GeneratorNet(p.n_generators, p.width, p.head_width)
+    net = GeneratorNet(p.n_generators, p.width, p.head_width).double()
     cfg = TrainConfig(p.steps, p.lr, p.sigma, p.rk4_steps, p.lipschitz_weight, p.lipschitz_tau, p.threshold)
     reference = sample_patches(u, times, grid, p.patch_size, p.reference_patches, gen)
     curve: list[float] = []
