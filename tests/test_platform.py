@@ -236,7 +236,10 @@ def test_sigterm_ends_the_mlflow_run_killed_and_sigkill_orphans_are_ended_next_t
 
     repo = make_clone(tmp_path / "term")
     set_param(repo, "lowprec_ensemble.train.epochs", 400)
-    env = {**os.environ, "PAPERFLOWS_NO_PROGRESS": "1", "MLFLOW_TRACKING_URI": mlflow_uri}
+    # a stage in its own process (no warm server: through it, a SIGKILLed client's run ends KILLED at
+    # once, tested in test_stageserver.py)
+    env = {**os.environ, "PAPERFLOWS_NO_PROGRESS": "1", "MLFLOW_TRACKING_URI": mlflow_uri,
+           "PAPERFLOWS_STAGE_SERVER": "0"}
     subprocess.run([sys.executable, "-m", "tasks", "run", "lowprec_ensemble", "prepare", "--no-mlflow"],
                    cwd=repo, env=env, check=True, capture_output=True)
     mlflow.set_tracking_uri(mlflow_uri)
