@@ -143,6 +143,28 @@ def start_server(path: str) -> None:
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def warm(timeout: float = 180.0) -> bool:
+    """Start the server if none is up and wait until it answers (benchmarks, `make serve`)."""
+    import time
+
+    path = socket_path()
+    deadline = time.monotonic() + timeout
+    started = False
+    while time.monotonic() < deadline:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            return True
+        except OSError:
+            if not started:
+                start_server(path)
+                started = True
+            time.sleep(0.2)
+        finally:
+            probe.close()
+    return False
+
+
 # ----------------------------------------------------------------------------------------- server
 def serve(path: str, idle: float) -> None:
     import fcntl
@@ -323,4 +345,6 @@ def _die_with_parent() -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--warm"]:
+        sys.exit(0 if warm() else 1)
     serve(sys.argv[1], float(os.environ.get(IDLE_ENV, "600")))
