@@ -26,9 +26,9 @@ FieldMaker = Callable[[torch.Tensor], Field]  # coefficients alpha (k,) -> the f
 
 
 def trajectory_points(u: torch.Tensor, times: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Scaled graph points of whole trajectories: u (n, nt, nx) -> (n, nt, nx, 3)."""
+    """Scaled graph points of whole trajectories: u (n, nt, nx) -> (n, nt, nx, 3), on u's device."""
     zeros = torch.zeros(u.shape[0], dtype=torch.long)
-    return patch_points(u, times, grid, zeros, zeros, u.shape[1], u.shape[2])
+    return patch_points(u.cpu(), times.cpu(), grid, zeros, zeros, u.shape[1], u.shape[2]).to(u.device)
 
 
 def dirichlet_kernel(y: torch.Tensor, nx: int, length: float) -> torch.Tensor:
@@ -49,7 +49,7 @@ def resample(moved: torch.Tensor, times: torch.Tensor, grid: Grid) -> tuple[torc
     # 1. in t, column by column
     columns_t = t.T.contiguous()                                   # (nx, nt), increasing when valid
     increasing = (columns_t[:, 1:] > columns_t[:, :-1]).all(dim=1)  # (nx,)
-    target = times.to(t.dtype)[None, :].expand(nx, nt).contiguous()
+    target = times.to(t)[None, :].expand(nx, nt).contiguous()
     lo = (torch.searchsorted(columns_t, target) - 1).clamp(0, nt - 2)
     t0, t1 = columns_t.gather(1, lo), columns_t.gather(1, lo + 1)
     w = (target - t0) / (t1 - t0)
@@ -57,7 +57,7 @@ def resample(moved: torch.Tensor, times: torch.Tensor, grid: Grid) -> tuple[torc
     interp = lambda v: (v.T.gather(1, lo) * (1 - w) + v.T.gather(1, lo + 1) * w).T  # (nt, nx)
     x_k, u_k = interp(x), interp(u)
     # 2. in x, row by row, with the periodic band-limited kernel
-    grid_x = torch.arange(nx, dtype=x.dtype) * grid.dx
+    grid_x = torch.arange(nx, dtype=x.dtype, device=x.device) * grid.dx
     kernel = dirichlet_kernel(grid_x[None, :, None] - x_k[:, None, :], nx, grid.length)  # (nt, m, j)
     u_grid = torch.einsum("kmj,kj->km", kernel, u_k)
     return u_grid, inside.all(dim=0)
@@ -69,7 +69,8 @@ def lps_copies(u: torch.Tensor, times: torch.Tensor, grid: Grid, make_field: Fie
                min_rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``n_copies`` transformed copies of each trajectory of u (n, nt, nx).
 
-    Returns (copies (n, n_copies, nt, nx), valid rows (n, n_copies, nt), number rejected)."""
+    Returns (copies (n, n_copies, nt, nx) on u's device, valid rows (n, n_copies, nt) on the CPU, number
+    rejected). Coefficients are drawn on the CPU ``generator``."""
     n, nt, nx = u.shape
     points = trajectory_points(u, times, grid)
     copies = u[:, None].repeat(1, n_copies, 1, 1)
@@ -77,13 +78,14 @@ def lps_copies(u: torch.Tensor, times: torch.Tensor, grid: Grid, make_field: Fie
     rejected = 0
     for i in range(n):
         for c in range(n_copies):
-            alpha = (2 * torch.rand(len(sigmas), generator=generator, dtype=u.dtype) - 1) * sigmas
+            alpha = (2 * torch.rand(len(sigmas), generator=generator, dtype=u.dtype) - 1) * sigmas.cpu()
+            alpha = alpha.to(u.device)
             moved = rk4_flow(make_field(alpha), points[i].reshape(-1, 3), 1.0, rk4_steps)
             new_u, rows = resample(moved.reshape(nt, nx, 3), times, grid)
             if int(rows.sum()) < min_rows or not torch.isfinite(new_u[rows]).all():
                 rejected += 1
                 continue
-            copies[i, c], valid[i, c] = new_u, rows
+            copies[i, c], valid[i, c] = new_u, rows.cpu()
     return copies, valid, rejected
 
 

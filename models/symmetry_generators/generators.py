@@ -48,7 +48,7 @@ def orthonormaliser(raw: torch.Tensor) -> torch.Tensor:
     """A = L^-1 with L L^T = G, G_ab = mean_p H_a(p) . H_b(p): rows of A give orthonormal fields."""
     flat = raw.reshape(-1, raw.shape[-2], raw.shape[-1])
     gram = torch.einsum("nac,nbc->ab", flat, flat) / flat.shape[0]
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     chol = torch.linalg.cholesky(gram + 1e-9 * gram.diagonal().mean() * eye)  # relative jitter
     return torch.linalg.solve_triangular(chol, eye, upper=False)
 

@@ -22,9 +22,9 @@ from .generators import lipschitz_hinge, orthonormaliser
 from .validity import rk4_flow
 
 
-def pixel_grid(size: int) -> torch.Tensor:
+def pixel_grid(size: int, device=None) -> torch.Tensor:
     """(size, size, 2) coordinates (x across, y down) in [-1, 1], as ``grid_sample`` reads them."""
-    axis = torch.linspace(-1, 1, size)
+    axis = torch.linspace(-1, 1, size, device=device)
     y, x = torch.meshgrid(axis, axis, indexing="ij")
     return torch.stack([x, y], dim=-1)
 
@@ -80,10 +80,10 @@ class PlaneGeneratorNet(nn.Module):
         return lambda p: torch.einsum("bj,b...jc->b...c", weights, self.raw(p))
 
 
-def flowed_grid(field, size: int, s, rk4_steps: int, batch: int | None = None) -> torch.Tensor:
+def flowed_grid(field, size: int, s, rk4_steps: int, batch: int | None = None, device=None) -> torch.Tensor:
     """Phi^s of the pixel grid: (size, size, 2) for a shared field, (batch, size, size, 2) for per-image
     fields (points (batch, size, size, 2))."""
-    grid = pixel_grid(size)
+    grid = pixel_grid(size, device)
     if batch is not None:
         grid = grid.expand(batch, size, size, 2)
     return rk4_flow(field, grid, s, rk4_steps)
@@ -119,7 +119,7 @@ def fit_plane_generators(net: PlaneGeneratorNet, extractor: FeatureCNN, images: 
     for param in extractor.parameters():
         param.requires_grad_(False)
     size = images.shape[-1]
-    grid = pixel_grid(size)
+    grid = pixel_grid(size, images.device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     for step in range(cfg.steps):
         batch = images[torch.randint(0, len(images), (cfg.batch,), generator=generator)]
@@ -127,7 +127,7 @@ def fit_plane_generators(net: PlaneGeneratorNet, extractor: FeatureCNN, images: 
         raw = net.raw(grid)
         mix = orthonormaliser(raw)
         scores = [feature_validity(extractor, batch, warp(batch, flowed_grid(net.field(i, mix), size, s,
-                                                                              cfg.rk4_steps)))
+                                                                              cfg.rk4_steps, device=grid.device)))
                   for i in range(mix.shape[0])]
         fields = torch.einsum("ij,...jc->...ic", mix, raw)[None]               # (1, h, w, k, 2)
         spacing = 2 / (size - 1)
@@ -142,9 +142,9 @@ def fit_plane_generators(net: PlaneGeneratorNet, extractor: FeatureCNN, images: 
     return net
 
 
-def field_correlation(a, b, size: int) -> float:
+def field_correlation(a, b, size: int, device=None) -> float:
     """<a, b> / (|a| |b|) with the uniform inner product on the pixel grid."""
-    grid = pixel_grid(size).reshape(-1, 2)
+    grid = pixel_grid(size, device).reshape(-1, 2)
     with torch.no_grad():
         va, vb = a(grid), b(grid)
         return float((va * vb).sum() / (va.norm() * vb.norm()))
@@ -170,9 +170,9 @@ def flow_augmenter(make_field, n_fields: int, scale: float, rk4_steps: int):
     """Per image coefficients u_j ~ U(-scale, scale); the image is pulled back along the flow of
     sum_j u_j V_j over s in [0, 1] (the paper's image augmentation)."""
     def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        coef = (2 * torch.rand(len(x), n_fields, generator=generator) - 1) * scale
+        coef = ((2 * torch.rand(len(x), n_fields, generator=generator) - 1) * scale).to(x.device)
         with torch.no_grad():
-            return warp(x, flowed_grid(make_field(coef), x.shape[-1], 1.0, rk4_steps, batch=len(x)))
+            return warp(x, flowed_grid(make_field(coef), x.shape[-1], 1.0, rk4_steps, len(x), x.device))
     return augment
 
 

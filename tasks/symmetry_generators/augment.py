@@ -60,9 +60,9 @@ def learned_maker(job: FnoJob, p: AugmentParams, u, times, grid):
     meta = io.read_json(Path(job.learned_dir) / "meta.json")
     net = GeneratorNet(meta["n_generators"], meta["width"], meta["head_width"]).double()
     net.load_state_dict(io.load_state(Path(job.learned_dir) / generator_file(job.seed)))
-    net.eval()
-    patches = sample_patches(u.double(), times.double(), grid, p.rank_patch_size, p.rank_patches,
-                             torch.Generator().manual_seed(job.seed))
+    net = net.eval().to(u.device)
+    patches = sample_patches(u.double().cpu(), times.double().cpu(), grid, p.rank_patch_size, p.rank_patches,
+                             torch.Generator().manual_seed(job.seed)).to(u.device)
     with torch.no_grad():
         score = [float(sum(flowed_validity(net.field(i), patches, grid, s, 4, p.threshold)
                            for s in (-p.rank_step, p.rank_step))) / 2 for i in range(meta["n_generators"])]
@@ -87,11 +87,12 @@ def train_job(job: FnoJob) -> dict:
     p = AugmentParams.model_validate(job.params)
     folder = Path(job.data_dir)
     grid = DataMeta.read(folder).grid()
+    device = torch.device(job.device)
     u_all, times = load_split(folder, "train", torch.float32)
     u_test, _ = load_split(folder, "test", torch.float32)
-    times = times.float()
+    times = times.float().to(device)
     gen = torch.Generator().manual_seed(job.seed)
-    u = u_all[torch.randperm(len(u_all), generator=gen)[:p.n_train]]  # the same subset for every method
+    u = u_all[torch.randperm(len(u_all), generator=gen)[:p.n_train]].to(device)  # the same for every method
     info: dict = {}
     pool, valid = u[:, None], torch.ones(len(u), 1, u.shape[1], dtype=torch.bool)
     start = time.perf_counter()
@@ -109,11 +110,10 @@ def train_job(job: FnoJob) -> dict:
         info |= {"rejected": rejected, "valid_rows": float(copy_rows.float().mean())}
     copy_seconds = time.perf_counter() - start
     torch.manual_seed(job.seed)
-    device = torch.device(job.device)
     model = FNO1d(p.time_history, p.time_future, p.width, p.modes, p.layers).to(device)
     curve: list[float] = []
     start = time.perf_counter()
-    train_fno(model, pool.to(device), valid, p.steps, p.batch, p.lr, p.p_original,
+    train_fno(model, pool, valid, p.steps, p.batch, p.lr, p.p_original,
               torch.Generator().manual_seed(job.seed),
               on_step=lambda step, loss: curve.append(loss) if step % 10 == 0 else None)
     nmse = rollout_nmse(model.eval(), u_test.to(device)).cpu()

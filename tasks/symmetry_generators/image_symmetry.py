@@ -58,6 +58,7 @@ class ImageSymmetryParams(Params):
 @dataclass(frozen=True)
 class ImageJob:
     seed: int
+    device: str
     params: dict
 
 
@@ -91,8 +92,8 @@ def validity_table(extractor, images, fields: dict, p: ImageSymmetryParams) -> d
 
     size = images.shape[-1]
     with torch.no_grad():
-        return {name: float(sum(feature_validity(extractor, images, warp(images, flowed_grid(f, size, s,
-                                                                                              p.rk4_steps)))
+        return {name: float(sum(feature_validity(extractor, images, warp(images, flowed_grid(
+                    f, size, s, p.rk4_steps, device=images.device)))
                                 for s in (-p.eval_step, p.eval_step)) / 2) for name, f in fields.items()}
 
 
@@ -103,29 +104,32 @@ def image_seed(job: ImageJob) -> dict:
     from tasks.data.digits import stratified_split
 
     p = ImageSymmetryParams.model_validate(job.params)
+    device = torch.device(job.device)
     images, labels = load_images(p)
-    split = stratified_split(labels.numpy(), {"test": p.test_fraction}, job.seed)
-    train, test = torch.from_numpy(split["train"]), torch.from_numpy(split["test"])
+    images, labels = images.to(device), labels.to(device)
+    split = stratified_split(labels.cpu().numpy(), {"test": p.test_fraction}, job.seed)
+    train, test = torch.from_numpy(split["train"]).to(device), torch.from_numpy(split["test"]).to(device)
     size = images.shape[-1]
     gen = torch.Generator().manual_seed(job.seed)
     torch.manual_seed(job.seed)
     classes = int(labels.max()) + 1
-    new_cnn = lambda: I.FeatureCNN(size, p.channels, p.feature_dim, classes, images.shape[1])
+    new_cnn = lambda: I.FeatureCNN(size, p.channels, p.feature_dim, classes, images.shape[1]).to(device)
     extractor = I.train_classifier(new_cnn(), images[train], labels[train], p.extractor_epochs, 64, 2e-3, gen)
-    net = I.PlaneGeneratorNet(p.n_generators, p.width, p.head_width)
+    net = I.PlaneGeneratorNet(p.n_generators, p.width, p.head_width).to(device)
     cfg = I.PlaneTrainConfig(p.steps, p.lr, p.batch, p.sigma, p.rk4_steps, p.lipschitz_weight, p.lipschitz_tau)
     curve: list[float] = []
     I.fit_plane_generators(net, extractor, images[train], cfg, gen, on_step=lambda i, loss: curve.append(loss))
     learned = {f"learned{i}": net.field(i) for i in range(p.n_generators)}
     affine = I.affine_fields()
-    randoms = {f"random{k}": I.PlaneGeneratorNet(1, p.width, p.head_width).field(0) for k in range(p.n_random)}
-    grid = I.pixel_grid(size).reshape(-1, 2)
+    randoms = {f"random{k}": I.PlaneGeneratorNet(1, p.width, p.head_width).to(device).field(0)
+               for k in range(p.n_random)}
+    grid = I.pixel_grid(size, device).reshape(-1, 2)
     unit = lambda f, norm: (lambda q: f(q) / norm)
     with torch.no_grad():
         norms = {n: float(f(grid).pow(2).sum(-1).mean().sqrt()) for n, f in (affine | randoms).items()}
     fields = {n: unit(f, norms[n]) for n, f in (affine | randoms).items()}
     table = validity_table(extractor, images[test[:p.eval_images]], fields | learned, p)
-    corr = {n: {a: abs(I.field_correlation(f, affine[a], size)) for a in ("rotation", "scaling")}
+    corr = {n: {a: abs(I.field_correlation(f, affine[a], size, device)) for a in ("rotation", "scaling")}
             for n, f in learned.items()}
     small = train[torch.randperm(len(train), generator=gen)[:p.n_small]]
     augmenters = {"none": None,
@@ -139,13 +143,13 @@ def image_seed(job: ImageJob) -> dict:
         with torch.no_grad():
             accuracy[method] = float((clf(images[test]).argmax(1) == labels[test]).float().mean())
     return {"seed": job.seed, "validity": table, "correlation": corr, "accuracy": accuracy, "curve": curve,
-            "state": {k: v.detach().clone() for k, v in net.state_dict().items()}}
+            "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
 
 
-@stage(params=ImageSymmetryParams)
+@stage(params=ImageSymmetryParams, gpu=True)
 def image_symmetry(ctx: StageContext, p: ImageSymmetryParams) -> None:
     """Digits: feature-based validity, learned generators vs rotation/scaling, augmented classifiers."""
-    jobs = [ImageJob(seed, p.model_dump()) for seed in p.seeds]
+    jobs = [ImageJob(seed, str(ctx.device), p.model_dump()) for seed in p.seeds]
 
     def log(i, result):
         ctx.log_metrics({f"accuracy_{m}_seed{result['seed']}": v for m, v in result["accuracy"].items()})
