@@ -117,3 +117,33 @@ def test_a_copy_with_too_few_valid_frames_is_rejected(solution):
 def test_valid_starts_need_a_whole_window_of_valid_frames():
     rows = torch.tensor([True, True, False, True, True, True])
     assert F.valid_starts(rows, 3).tolist() == [False, False, False, True]
+
+
+def test_augmentation_claim_needs_known_augmentation_to_help():
+    from tasks.symmetry_generators.augmentation_report import decide_augmentation
+
+    rng = np.random.default_rng(0)
+    run = lambda seed, method, level: {"seed": seed, "method": method,
+                                       "nmse": (level * np.exp(0.02 * rng.standard_normal(8))).tolist()}
+    helps = [run(s, m, v) for s in range(5) for m, v in (("none", 0.6), ("known", 0.3), ("learned", 0.31))]
+    claim, regime = decide_augmentation(helps, 0.0, 0.1, 0.0)
+    assert regime.passed and claim.verdict is True
+    worse = [run(s, m, v) for s in range(5) for m, v in (("none", 0.6), ("known", 0.3), ("learned", 0.5))]
+    claim, _ = decide_augmentation(worse, 0.0, 0.1, 0.0)
+    assert claim.verdict is False and claim.weakest == "learned_near_known"
+    flat = [run(s, m, 0.5) for s in range(5) for m in ("none", "known", "learned")]
+    claim, regime = decide_augmentation(flat, 0.0, 0.1, 0.0)
+    assert not regime.passed and claim.verdict is None and "known_augmentation_helps" in claim.reason
+
+
+def test_image_claim_is_null_when_the_score_cannot_see_rotation():
+    from tasks.symmetry_generators.image_report import decide_images
+
+    def run(rotation, corr, gain):
+        return {"validity": {"rotation": rotation, "scaling": 0.1, "random0": 0.5, "random1": 0.6},
+                "correlation": {"learned0": {"rotation": corr, "scaling": 0.1}},
+                "accuracy": {"none": 0.8, "affine": 0.85, "learned": 0.8 + gain}}
+    claim, separates = decide_images([run(0.1, 0.9, 0.03), run(0.12, 0.92, 0.04), run(0.1, 0.88, 0.05)], 0.8, 0.0)
+    assert separates.passed and claim.verdict is True
+    claim, separates = decide_images([run(0.9, 0.9, 0.03), run(0.8, 0.92, 0.04)], 0.8, 0.0)
+    assert not separates.passed and claim.verdict is None
