@@ -1,4 +1,5 @@
-"""Prefect flow of learning infinitesimal generators of symmetries: prepare -> learn_symmetry -> evaluate."""
+"""Prefect flow of learning infinitesimal generators of symmetries: prepare -> learn_symmetry -> augment ->
+evaluate."""
 from __future__ import annotations
 
 from typing import Literal
@@ -13,10 +14,12 @@ def symmetry_generators(stages: list[str] | None = None,
                         scale: Literal["smoke", "cpu", "paper"] = "cpu",
                         overrides: list[str] | None = None,
                         executor: Literal["local", "pools"] = "local") -> dict:
-    """Generators of KdV's continuous symmetries learned from data with a PDE validity score.
+    """Generators of KdV's continuous symmetries learned from data with a PDE validity score, then used to
+    augment a Fourier neural operator's few training trajectories (against known and no augmentation).
 
     Args:
-        stages: stages to run, in pipeline order (default: all of prepare, learn_symmetry, evaluate).
+        stages: stages to run, in pipeline order (default: all of prepare, learn_symmetry, augment,
+            evaluate; augment is GPU-tagged).
         scale: 'smoke' (seconds), 'cpu' (default, minutes, offline) or 'paper' (LPSDA-size KdV from
             local files).
         overrides: params.yaml overrides as key=value, e.g. ["symmetry_generators.learn_symmetry.steps=800"];

@@ -120,7 +120,7 @@ def test_span_correlation_of_a_field_in_the_span_is_one(solution):
 def test_a_training_step_lowers_nothing_to_nan(solution):
     grid = solution[2]
     net = G.GeneratorNet(2, 16, 8).double()
-    cfg = G.TrainConfig(3, 1e-3, 0.4, 2, 1.0, 3.0, 1e-4)
+    cfg = G.TrainConfig(3, 1e-3, 0.4, 2, 1.0, 3.0, 1e-4, 1.0, 0.5)
     gen = torch.Generator().manual_seed(0)
     G.fit_generators(net, lambda g: patches(solution, 1, 12), patches(solution, 2, 12), grid, cfg, gen)
     assert torch.isfinite(net.mix).all()

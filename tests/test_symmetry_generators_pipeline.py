@@ -12,9 +12,11 @@ from tests.conftest import dvc
 
 pytestmark = pytest.mark.slow
 PAPER = "symmetry_generators"
-STAGES = ["prepare", "learn_symmetry", "evaluate"]
-CLAIMS = {"validity_separates", "recovers_translations", "recovers_boost", "generators_distinct"}
-GATES = {"known_symmetries_near_floor", "random_fields_above_floor"}
+STAGES = ["prepare", "learn_symmetry", "augment", "image_symmetry", "evaluate"]
+CLAIMS = {"validity_separates", "recovers_translations", "recovers_boost", "generators_distinct",
+          "augmentation_helps_low_data", "image_generators_found"}
+GATES = {"known_symmetries_near_floor", "random_fields_above_floor", "known_augmentation_helps",
+         "image_score_separates"}
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +45,16 @@ def test_dvc_repro_writes_claims_that_follow_from_their_details(reproduced):
                                                                                   "t_translation")
     evidence = json.loads((results / "evidence.json").read_text())
     assert len(evidence["seeds"]) == 2 and "table" in evidence["seeds"][0]
-    for png in ("validity_vs_step.png", "generator_fields.png"):
+    for png in ("validity_vs_step.png", "generator_fields.png", "nmse_by_method.png",
+                "digits_validity_accuracy.png", "digits_generator_fields.png"):
         assert (results / "plots" / png).stat().st_size > 1000
+    assert set(metrics["headline"]["rollout_nmse"]) == {"none", "known", "learned"}
+    assert len(evidence["augmentation"]["runs"]) == 6  # two seeds x three methods
+    nmse = json.loads((reproduced / "artifacts" / PAPER / "augment" / "nmse.json").read_text())
+    assert all(len(r["nmse"]) == 2 and np.isfinite(r["nmse"]).all() for r in nmse["runs"])  # 2 test trajectories
+    digits = evidence["digits"]["runs"]
+    assert len(digits) == 2 and set(digits[0]["accuracy"]) == {"none", "affine", "learned"}
+    assert {"rotation", "scaling", "translate_x", "learned0", "random0"} <= set(digits[0]["validity"])
     drift = json.loads((reproduced / "artifacts" / PAPER / "prepare" / "conservation.json").read_text())
     assert drift["mass"] < 1e-5 and drift["energy"] < 1e-4
 
@@ -116,6 +126,15 @@ def test_paper_scale_loader_on_tiny_local_files(tmp_path):
     paper = yaml.safe_load((ROOT / "scales" / "paper.yaml").read_text())[PAPER]
     params = deep_merge(params, {PAPER: deep_merge(paper, smoke)})
     params[PAPER]["prepare"].update(source="local", data_dir=str(data_dir))
+    from PIL import Image  # CIFAR-10 as an image folder: two classes of tiny RGB PNGs
+
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (tmp_path / "cifar" / label).mkdir(parents=True)
+        for i in range(8):
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "cifar" / label / f"{i}.png")
+    params[PAPER]["image_symmetry"].update(data_dir=str(tmp_path / "cifar"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     for stage in STAGES:
@@ -125,3 +144,5 @@ def test_paper_scale_loader_on_tiny_local_files(tmp_path):
     assert meta["nt"] == 17 and meta["dt"] == 0.25
     metrics = json.loads((tmp_path / "results" / PAPER / "metrics.json").read_text())
     assert set(metrics["claims"]) == CLAIMS
+    images = json.loads((tmp_path / "artifacts" / PAPER / "image_symmetry" / "results.json").read_text())
+    assert images["size"] == 32 and len(images["runs"]) == 2   # the paper's 32 x 32 images, two smoke seeds

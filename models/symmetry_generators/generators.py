@@ -4,7 +4,8 @@ V_i(p) = sum_j A_ij H_j(p): a shared trunk with one head H_j per generator (peri
 (cos 2 pi X, sin 2 pi X) embedding). A = chol(G)^-1 with G_ab = <H_a, H_b> on the batch's points, i.e.
 Gram-Schmidt in function space: every V_i has unit RMS norm and <V_i, V_j> = 0 exactly on those points,
 so no head can duplicate another (the soft arccos penalty let a head copy a translation). The loss is
-sum_i validity(Phi_i^s(patch)) with s = +-alpha, alpha ~ U(0, sigma), plus a Lipschitz hinge.
+sum_i validity(Phi_i^s(patch)) with s = +-alpha, alpha ~ U(0, sigma), plus a Lipschitz hinge and, in
+the last part of training, the paper's Sobolev (H^2) penalty.
 """
 from __future__ import annotations
 
@@ -45,9 +46,9 @@ class GeneratorNet(nn.Module):
 
 def orthonormaliser(raw: torch.Tensor) -> torch.Tensor:
     """A = L^-1 with L L^T = G, G_ab = mean_p H_a(p) . H_b(p): rows of A give orthonormal fields."""
-    flat = raw.reshape(-1, raw.shape[-2], 3)
+    flat = raw.reshape(-1, raw.shape[-2], raw.shape[-1])
     gram = torch.einsum("nac,nbc->ab", flat, flat) / flat.shape[0]
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     chol = torch.linalg.cholesky(gram + 1e-9 * gram.diagonal().mean() * eye)  # relative jitter
     return torch.linalg.solve_triangular(chol, eye, upper=False)
 
@@ -62,6 +63,15 @@ def lipschitz_hinge(values: torch.Tensor, grid_step: tuple[float, float], tau: f
     return (dt - tau).clamp_min(0).mean() + (dx - tau).clamp_min(0).mean()
 
 
+def sobolev_penalty(values: torch.Tensor) -> torch.Tensor:
+    """log mean_k |FFT_x V|^2 ((1 + k^2)^2 - 1) over the x rows of a patch grid (an H^2 seminorm; the
+    paper's PDE smoothness term). ``values`` (n, st, sx, k, 3); k in radians per grid step."""
+    coef = torch.fft.rfft(values, dim=2)
+    k = 2 * torch.pi * torch.fft.rfftfreq(values.shape[2], dtype=values.dtype)
+    weight = ((1 + k ** 2) ** 2 - 1)[None, None, :, None, None]
+    return torch.log((coef.abs() ** 2 * weight).mean())
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int
@@ -71,11 +81,14 @@ class TrainConfig:
     lipschitz_weight: float
     lipschitz_tau: float
     threshold: float      # th of log max(|residual|, th)
+    sobolev_weight: float
+    sobolev_fraction: float  # the Sobolev term is on in this last fraction of the steps (paper: 10 of 100 epochs)
 
 
 def generator_loss(net: GeneratorNet, points: torch.Tensor, grid: Grid, cfg: TrainConfig,
-                   generator: torch.Generator) -> tuple[torch.Tensor, list[float]]:
-    """sum_i validity(Phi_i^{s_i}(points)) + lipschitz weight * hinge, with A from this batch."""
+                   generator: torch.Generator, sobolev: bool = False) -> tuple[torch.Tensor, list[float]]:
+    """sum_i validity(Phi_i^{s_i}(points)) + lipschitz weight * hinge (+ sobolev weight * H^2 term),
+    with A from this batch."""
     raw = net.raw(points)
     mix = orthonormaliser(raw)
     n = mix.shape[0]
@@ -85,8 +98,10 @@ def generator_loss(net: GeneratorNet, points: torch.Tensor, grid: Grid, cfg: Tra
                               cfg.threshold) for i in range(n)]
     fields = torch.einsum("ij,...jc->...ic", mix, raw)
     step = (grid.dt / grid.t_end, grid.dx / grid.length)
-    lip = lipschitz_hinge(fields, step, cfg.lipschitz_tau)
-    return sum(scores) + cfg.lipschitz_weight * lip, [float(s) for s in scores]
+    loss = sum(scores) + cfg.lipschitz_weight * lipschitz_hinge(fields, step, cfg.lipschitz_tau)
+    if sobolev and cfg.sobolev_weight > 0:
+        loss = loss + cfg.sobolev_weight * sobolev_penalty(fields)
+    return loss, [float(s.detach()) for s in scores]
 
 
 def fit_generators(net: GeneratorNet, sample_points, reference_points: torch.Tensor, grid: Grid,
@@ -95,14 +110,16 @@ def fit_generators(net: GeneratorNet, sample_points, reference_points: torch.Ten
     ``reference_points`` so the final fields are orthonormal on the data."""
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [cfg.steps // 2], 0.1)
+    sobolev_from = cfg.steps - round(cfg.sobolev_fraction * cfg.steps)
     for step in range(cfg.steps):
-        loss, scores = generator_loss(net, sample_points(generator), grid, cfg, generator)
+        loss, scores = generator_loss(net, sample_points(generator), grid, cfg, generator,
+                                      sobolev=step >= sobolev_from)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         if on_step:
-            on_step(step, float(loss), scores)
+            on_step(step, float(loss.detach()), scores)
     with torch.no_grad():
         net.mix.copy_(orthonormaliser(net.raw(reference_points)))
     return net

@@ -78,7 +78,7 @@ def local_derivatives(points: torch.Tensor, grid: Grid, ridge: float = 1e-8) -> 
     u = nb[..., 2] / grid.u_scale
     design = torch.stack([dx ** a * dt ** b for a, b in MONOMIALS], dim=-1)      # (..., 25, m)
     gram = design.transpose(-1, -2) @ design
-    gram = gram + ridge * torch.eye(len(MONOMIALS), dtype=gram.dtype)
+    gram = gram + ridge * torch.eye(len(MONOMIALS), dtype=gram.dtype, device=gram.device)
     coef = torch.linalg.solve(gram, (design.transpose(-1, -2) @ u[..., None]))[..., 0]
     col = {ab: i for i, ab in enumerate(MONOMIALS)}
     return {"u": coef[..., col[(0, 0)]], "u_x": coef[..., col[(1, 0)]] / grid.dx,

@@ -1,5 +1,6 @@
 """evaluate: the validity gate (data floor, known symmetries, random fields), recovery of the known
-generators by the learned ones, claims by confidence intervals over seeds, plots."""
+generators by the learned ones, the FNO augmentation comparison, claims by confidence intervals over
+seeds, plots."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,6 +9,7 @@ from pydantic import Field
 from tasks.core import Params, StageContext, io, stage
 from tasks.core.claims import all_of, gate, per_seed
 
+from . import augmentation_report, image_report
 from .common import DataMeta, generator_file, load_split, sample_patches
 
 KNOWN = ("x_translation", "t_translation", "galilean_boost")
@@ -25,6 +27,12 @@ class EvaluateParams(Params):
     random_margin: float = Field(gt=0, description="random fields lie at least this above the floor")
     correlation_margin: float = Field(gt=0, lt=1, description="recovery: correlation above this")
     distinct_margin: float = Field(gt=0, lt=1, description="every pair of learned fields below this |corr|")
+    augmentation_margin: float = Field(ge=0, description="learned augmentation: log(NMSE_none / NMSE_learned) "
+                                                         "above this")
+    augmentation_equivalence_margin: float = Field(gt=0, description="log(NMSE_learned / NMSE_known) below this")
+    augmentation_gate: float = Field(description="the regime gate: CI low of log(NMSE_none / NMSE_known) "
+                                                 "at least this")
+    image_accuracy_margin: float = Field(ge=0, description="digits: accuracy gain of learned augmentation over none")
 
 
 def seed_fields(meta: dict, seed: int, folder, points, grid, n_random: int) -> dict:
@@ -109,9 +117,9 @@ def decide(rows: list[dict], p: EvaluateParams):
     return claims, gates
 
 
-@stage(params=EvaluateParams, inputs=("prepare", "learn_symmetry"))
+@stage(params=EvaluateParams, inputs=("prepare", "learn_symmetry", "augment", "image_symmetry"))
 def evaluate(ctx: StageContext, p: EvaluateParams) -> None:
-    """Validity gate and table, recovery of the known generators, claims, plots."""
+    """Validity gate and table, recovery of the known generators, augmentation, claims, plots."""
     import torch
 
     data_dir, learned_dir = ctx.input("prepare"), ctx.input("learn_symmetry")
@@ -121,9 +129,21 @@ def evaluate(ctx: StageContext, p: EvaluateParams) -> None:
     rows = [evaluate_seed(meta, seed, learned_dir, data, grid, p)
             for seed in ctx.progress(meta["seeds"], desc="seeds")]
     claims, gates = decide(rows, p)
-    ctx.write_metrics(claims, gates, headline=headline(rows), evidence={"seeds": rows})
+    runs = io.read_json(ctx.input("augment") / "nmse.json")["runs"]
+    aug_claim, aug_gate = augmentation_report.decide_augmentation(
+        runs, p.augmentation_margin, p.augmentation_equivalence_margin, p.augmentation_gate)
+    images = io.read_json(ctx.input("image_symmetry") / "results.json")
+    image_claim, image_gate = image_report.decide_images(images["runs"], p.correlation_margin,
+                                                         p.image_accuracy_margin)
+    claims, gates = claims + [aug_claim, image_claim], gates + [aug_gate, image_gate]
+    ctx.write_metrics(claims, gates, headline=headline(rows) | {"rollout_nmse": augmentation_report.headline(runs),
+                                                                "digits": image_report.headline(images["runs"])},
+                      evidence={"seeds": rows, "augmentation": augmentation_report.evidence(runs),
+                                "digits": image_report.evidence(images["runs"])})
     ctx.log_metrics({f"effect_{c.name}": c.effect for c in claims})
     write_figures(ctx, rows, grid, meta, learned_dir, data, p)
+    augmentation_report.write_figure(ctx, runs)
+    image_report.write_figure(ctx, images["runs"], ctx.input("image_symmetry"), images["net"], images["size"])
 
 
 def headline(rows: list[dict]) -> dict:

@@ -22,6 +22,8 @@ class LearnSymmetryParams(Params):
     rk4_steps: int = Field(gt=0, description="RK4 steps of one flow")
     lipschitz_weight: float = Field(ge=0)
     lipschitz_tau: float = Field(gt=0, description="hinge of the finite-difference quotient")
+    sobolev_weight: float = Field(ge=0, description="weight of the H^2 (Sobolev) penalty")
+    sobolev_fraction: float = Field(ge=0, le=1, description="last fraction of the steps with the Sobolev term on")
     threshold: float = Field(gt=0, description="th of log max(|residual|, th)")
     patch_size: int = Field(ge=8, description="t x x patch side (points)")
     batch_patches: int = Field(gt=0, description="patches per step")
@@ -50,7 +52,8 @@ def train_seed(job: SeedJob) -> dict:
     torch.manual_seed(job.seed)
     gen = torch.Generator().manual_seed(job.seed)
     net = GeneratorNet(p.n_generators, p.width, p.head_width).double()
-    cfg = TrainConfig(p.steps, p.lr, p.sigma, p.rk4_steps, p.lipschitz_weight, p.lipschitz_tau, p.threshold)
+    cfg = TrainConfig(p.steps, p.lr, p.sigma, p.rk4_steps, p.lipschitz_weight, p.lipschitz_tau, p.threshold,
+                      p.sobolev_weight, p.sobolev_fraction)
     reference = sample_patches(u, times, grid, p.patch_size, p.reference_patches, gen)
     curve: list[float] = []
     fit_generators(net, lambda g: sample_patches(u, times, grid, p.patch_size, p.batch_patches, g),
