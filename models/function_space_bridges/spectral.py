@@ -1,9 +1,10 @@
 """The reference process: an OU SDE in a Hilbert space, one independent scalar OU per cosine mode.
 
-On the unit interval (or square) with Neumann boundaries, A has eigenfunctions phi_k(x) = prod_i c_i
-cos(pi k_i x_i) (c = 1 for k_i = 0, else sqrt 2) and eigenvalues a_k = pi^2 |k|^2 + 1, fixed on the
-domain: a mode has the same a_k on every grid (the official code divides by the grid size, so its
-operator changes with resolution). Coefficients are L2-normalised, x_k = <f, phi_k>, so a function has
+On the unit interval (or square) with Neumann boundaries, A = -c Laplacian + 1 has eigenfunctions
+phi_k(x) = prod_i c_i cos(pi k_i x_i) (c_i = 1 for k_i = 0, else sqrt 2) and eigenvalues
+a_k = c pi^2 |k|^2 + 1, fixed on the domain: a mode has the same a_k on every grid (the official code
+divides by the grid size, a_k = pi^2 |k|^2 / h^2 + 1, so its operator changes with resolution; c = 1/h_train^2
+held fixed is that operator at the training grid, the same on every grid). Coefficients are L2-normalised, x_k = <f, phi_k>, so a function has
 the same coefficients on every grid. Q has eigenvalues a_k^(-s); it is trace-class when s > d/2.
 Per mode, dX_k = -a_k X_k dt + g_k dW_k with g_k = sigma a_k^(-s/2).
 
@@ -43,6 +44,7 @@ class SpectralOU:
     shape: tuple[int, ...]
     spectrum_exponent: float   # s: Q has eigenvalues a_k^-s (trace-class when s > d / 2)
     sigma: float               # overall noise scale
+    laplacian_scale: float = 1.0  # c in A = -c Laplacian + 1
     device: str = "cpu"
 
     def __post_init__(self):
@@ -53,7 +55,7 @@ class SpectralOU:
         freq = sum(k ** 2 for k in torch.meshgrid(*[torch.arange(n, dtype=torch.float64, device=self.device)
                                                   for n in self.shape],
                                                   indexing="ij"))
-        self.eigenvalues = math.pi ** 2 * freq + 1.0                      # a_k, fixed on the domain
+        self.eigenvalues = self.laplacian_scale * math.pi ** 2 * freq + 1.0  # a_k, fixed on the domain
         self.diffusion = self.sigma * self.eigenvalues ** (-self.spectrum_exponent / 2)  # g_k
         self.norm = math.sqrt(math.prod(self.shape))                      # grid sum -> L2 integral
 

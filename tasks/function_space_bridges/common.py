@@ -8,7 +8,9 @@ from tasks.core import Params
 
 
 class ReferenceParams(Params):
-    """The OU reference process: a_k = pi^2 |k|^2 + 1 on the unit domain, Q = A^-s."""
+    """The OU reference process: A = -c Laplacian + 1 on the unit domain (a_k = c pi^2 |k|^2 + 1), Q = A^-s."""
+
+    laplacian_scale: float = Field(gt=0, description="c: the same on every grid (resolution-free operator)")
 
     spectrum_exponent: float = Field(gt=0, description="s: Q eigenvalues a_k^-s; trace-class when s > d/2")
     sigma: float = Field(gt=0, description="noise scale of the reference process")
@@ -49,7 +51,7 @@ MODELS = ("first", "first_equal_steps", "final", "backward")
 def reference_process(p: ReferenceParams, shape: tuple[int, ...], device="cpu"):
     from models.function_space_bridges.spectral import SpectralOU
 
-    return SpectralOU(tuple(shape), p.spectrum_exponent, p.sigma, str(device))
+    return SpectralOU(tuple(shape), p.spectrum_exponent, p.sigma, laplacian_scale=p.laplacian_scale, device=str(device))
 
 
 def operator_config(p: OperatorParams, dim: int, channels: int):

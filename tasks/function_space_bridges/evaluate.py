@@ -122,7 +122,7 @@ def evaluate_images(job: SeedJob, p: EvaluateParams, exp: ExperimentParams, meta
         source = torch.from_numpy(arrays[f"a_test{suffix}"][cap])
         row = {"stiffness": check_sampler(ou, p), "no_transport": score(down(source)),
                "floor": score(down(arrays[f"b_train{suffix}"][cap]))}
-        for model in ("first_equal_steps", "final"):
+        for model in ("first_equal_steps", "final") if res == low else ("final",):  # baseline: training grid
             pred = predictor(Path(job.bridge_dir), "images", job.seed, model, exp, 2, channels, job.device)
             moved = sample(pred, ou, source.double().to(job.device), p.sampling_steps, p.sampler).float().cpu()
             row[model] = score(down(moved))
