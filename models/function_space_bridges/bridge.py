@@ -123,11 +123,11 @@ class Direction:
         dim = self.predict.dim
         coords = self.predict.coords(tuple(start.shape[-dim:]), start.device)
         target = to_tokens(end, dim)
-        queries = coords
+        idx = None
         if 0 < cfg.query_points < coords.shape[0]:
             idx = torch.randperm(coords.shape[0], device=start.device)[:cfg.query_points]
-            queries, target = coords[idx], target[:, idx]
-        pred = self.net(to_tokens(ft, dim), coords, t, queries)
+            target = target[:, idx]
+        pred = self.net(to_tokens(ft, dim), coords, t, idx)
         loss = torch.mean((pred - target) ** 2)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -2,9 +2,12 @@
 
 Input tokens are a function's values at its grid points plus Gaussian Fourier features of the points'
 coordinates in [0, 1]^d; a fixed set of learned latent tokens reads them by cross-attention, processes
-them by self-attention, and output queries (the Fourier features of the *output* grid's coordinates)
-read the latents by cross-attention. Nothing depends on the number of grid points, so a model trained
-on one grid runs on another. Time t enters every block by adaLN-Zero modulation (DiT).
+them by self-attention, and output queries read the latents by cross-attention. A query is the Fourier
+features of an output point plus the embedded input value at that point (the output grid is the input
+grid or a subset of it), and the output is that value plus the decoded correction: with 16 latents the
+operator need not squeeze the whole input through the latents to reproduce it. Nothing depends on the
+number of grid points, so a model trained on one grid runs on another. Time t enters every block by
+adaLN-Zero modulation (DiT).
 """
 from __future__ import annotations
 
@@ -90,6 +93,7 @@ class OperatorTransformer(nn.Module):
         self.value_in = nn.Linear(cfg.channels, w)
         self.position_in = nn.Linear(2 * cfg.fourier_features, w)
         self.position_query = nn.Linear(2 * cfg.fourier_features, w)
+        self.value_query = nn.Linear(cfg.channels, w)
         self.latents = nn.Parameter(torch.randn(cfg.latents, w) * 0.02)
         self.time = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
         self.encoder = nn.ModuleList()
@@ -106,17 +110,18 @@ class OperatorTransformer(nn.Module):
         return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
 
     def forward(self, values: torch.Tensor, coords: torch.Tensor, t: torch.Tensor,
-                query_coords: torch.Tensor | None = None) -> torch.Tensor:
-        """values [B, N, C] at coords [N, d]; returns [B, M, C] at query_coords [M, d] (default: coords)."""
+                query_index: torch.Tensor | None = None) -> torch.Tensor:
+        """values [B, N, C] at coords [N, d]; returns [B, M, C] at the points ``query_index`` (default: all)."""
         b = values.shape[0]
-        query_coords = coords if query_coords is None else query_coords
+        query_coords = coords if query_index is None else coords[query_index]
+        query_values = values if query_index is None else values[:, query_index]
         tokens = self.value_in(values) + self.position_in(self.fourier(coords))[None]
         temb = self.time(timestep_embedding(t, self.cfg.width))
         z = self.latents[None].expand(b, -1, -1)
         for i, block in enumerate(self.encoder):
             z = block(z, temb, tokens if block.cross else None)
-        q = self.position_query(self.fourier(query_coords))[None].expand(b, -1, -1)
+        q = self.position_query(self.fourier(query_coords))[None] + self.value_query(query_values)
         for block in self.decoder:
             q = block(q, temb, z)
-        return self.value_out(self.norm_out(q))
+        return query_values + self.value_out(self.norm_out(q))
 

@@ -3,10 +3,11 @@
 On the unit interval (or square) with Neumann boundaries, A = -c Laplacian + 1 has eigenfunctions
 phi_k(x) = prod_i c_i cos(pi k_i x_i) (c_i = 1 for k_i = 0, else sqrt 2) and eigenvalues
 a_k = c pi^2 |k|^2 + 1, fixed on the domain: a mode has the same a_k on every grid (the official code
-divides by the grid size, a_k = pi^2 |k|^2 / h^2 + 1, so its operator changes with resolution; c = 1/h_train^2
-held fixed is that operator at the training grid, the same on every grid). Coefficients are L2-normalised, x_k = <f, phi_k>, so a function has
-the same coefficients on every grid. Q has eigenvalues a_k^(-s); it is trace-class when s > d/2.
-Per mode, dX_k = -a_k X_k dt + g_k dW_k with g_k = sigma a_k^(-s/2).
+divides by the grid size, a_k = pi^2 |k|^2 / h^2 + 1, so its operator changes with resolution;
+c = 1 / h_train^2 held fixed is that operator at the training grid, the same on every grid).
+Coefficients are L2-normalised, x_k = <f, phi_k>, so a function has the same coefficients on every
+grid. Q has eigenvalues a_k^(-s); it is trace-class when s > d/2. Per mode,
+dX_k = -a_k X_k dt + g_k dW_k with g_k = sigma a_k^(-s/2).
 
 With v(s, t) = (1 - exp(-2a(t - s))) / (2a) (the transition variance per unit g^2), the bridge pinned at
 x_s (time s) and x_1 (time 1) has at time t (notes section 2, IDBM/DBFS eq. for the OU bridge)

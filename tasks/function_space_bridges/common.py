@@ -51,7 +51,8 @@ MODELS = ("first", "first_equal_steps", "final", "backward")
 def reference_process(p: ReferenceParams, shape: tuple[int, ...], device="cpu"):
     from models.function_space_bridges.spectral import SpectralOU
 
-    return SpectralOU(tuple(shape), p.spectrum_exponent, p.sigma, laplacian_scale=p.laplacian_scale, device=str(device))
+    return SpectralOU(tuple(shape), p.spectrum_exponent, p.sigma, laplacian_scale=p.laplacian_scale,
+                      device=str(device))
 
 
 def operator_config(p: OperatorParams, dim: int, channels: int):
