@@ -113,7 +113,9 @@ def evaluate_images(job: SeedJob, p: EvaluateParams, exp: ExperimentParams, meta
     low, channels = meta["image_size"], meta["channels"]
     clf = DigitClassifier(size=low, num_classes=meta["num_classes"], in_channels=channels)
     clf.load_state_dict(io.load_state(folder / "classifier.safetensors"))
-    ref = classifier_features(clf, torch.from_numpy(arrays["b_test"][cap]))[0].numpy().astype(np.float64)
+    clf.to(job.device)
+    ref = classifier_features(clf, torch.from_numpy(arrays["b_test"][cap]).to(job.device))[0]
+    ref = ref.cpu().numpy().astype(np.float64)
     score = lambda x: image_scores(clf, torch.as_tensor(x), ref, meta["domain_b_classes"])
     out = {"examples": {}}
     for res, suffix in ((low, ""), (meta["test_image_size"], "_high")):
@@ -162,7 +164,7 @@ def evaluate_posterior(job: SeedJob, p: EvaluateParams) -> dict:
                        "exact_mean": exact_mean[0].numpy(), "exact_std": exact_var[0].sqrt().numpy()}}
     series = torch.from_numpy(io.load_arrays(Path(job.prepare_dir) / "series.npz")["elnino"]).to(job.device)
     order = torch.argsort(torch.rand(series.shape, generator=torch.Generator().manual_seed(job.seed)), dim=-1)
-    mask = (order < p.elnino_context).float()
+    mask = (order < p.elnino_context).float().to(series.device)
     mean, std = soc_moments(series, mask)
     exact_mean, exact_var = exact_posterior(ou, series, mask, noise)
     target = mask == 0

@@ -41,9 +41,9 @@ def image_scores(clf, images: torch.Tensor, reference_feats: np.ndarray, b_class
     from tasks.data.digit_features import classifier_features
     from tasks.metrics import frechet_distance
 
-    feats, pred = classifier_features(clf, images.float().cpu())
-    in_b = np.isin(pred.numpy(), b_classes)
-    return {"fd": frechet_distance(feats.numpy().astype(np.float64), reference_feats),
+    feats, pred = classifier_features(clf, images.float().to(next(clf.parameters()).device))
+    in_b = np.isin(pred.cpu().numpy(), b_classes)
+    return {"fd": frechet_distance(feats.cpu().numpy().astype(np.float64), reference_feats),
             "domain_accuracy": float(in_b.mean())}
 
 
