@@ -60,8 +60,8 @@ def test_gate_failure_makes_image_claims_untestable():
         fun = lambda mmd: {"mmd2": mmd, "mass_error": 0.01, "negative_mass": 0.001}
         res = lambda k: {"no_transport": img(400, 0.02), "floor": img(8, b_accuracy),
                          "first_equal_steps": img(80 + shift, 0.8), "final": img(40 + shift * k, 0.9)}
-        grid = lambda k: {"no_transport": 0.3, "floor": 0.0, "first": 0.03, "first_equal_steps": 0.02 + shift / 1e3,
-                          "final": fun(0.003 + shift / 1e4 + 0.002 * k)}
+        grid = lambda k: {"no_transport": 0.3, "floor": 0.0, "first": fun(0.03),
+                          "first_equal_steps": fun(0.02 + shift / 1e3), "final": fun(0.003 + shift / 1e4 + 0.002 * k)}
         return {"images": {"examples": {}, "16": res(1), "32": res(1.05)},
                 "functions": {"grids": [32, 64], "32": grid(0), "64": grid(1)},
                 "posterior": {"synthetic": {"mean_error": 0.05 + shift / 1e3, "std_error": 0.06}}}
@@ -122,7 +122,8 @@ def test_paper_scale_image_folders_run_through_the_same_stages(tmp_path):
     paper = yaml.safe_load((ROOT / "scales" / "paper.yaml").read_text())[PAPER]
     params = deep_merge(params, {PAPER: deep_merge(paper, smoke)})
     params[PAPER]["prepare"].update(domain_a_dir=str(tmp_path / "images" / "a"),
-                                    domain_b_dir=str(tmp_path / "images" / "b"), image_size=8, test_image_size=16)
+                                    domain_b_dir=str(tmp_path / "images" / "b"), channels=3, image_size=8,
+                                    test_image_size=16)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     for stage in STAGES:
