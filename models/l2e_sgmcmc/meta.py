@@ -26,7 +26,7 @@ class Task:
     """One classification task: an MLP and its train / validation tensors."""
 
     name: str
-    spec: MLPSpec
+    spec: object                 # MLPSpec, or convnets.ModuleSpec at paper scale
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_val: torch.Tensor
@@ -34,7 +34,7 @@ class Task:
 
     @property
     def n_classes(self) -> int:
-        return self.spec.sizes[-1]
+        return int(max(self.y_train.max(), self.y_val.max())) + 1
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,13 @@ class MLPSpec:
     def dim(self) -> int:
         return sum(i * o + o for i, o in self.layers)
 
+    @property
+    def n_tensors(self) -> int:
+        return 2 * len(self.layers)
+
+    def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return mlp_logits(self, theta, x)
+
     def tensor_ids(self) -> torch.Tensor:
         """[D] index of the tensor (W_0, b_0, W_1, ...) holding each weight."""
         sizes = [n for i, o in self.layers for n in (i * o, o)]
@@ -48,8 +55,13 @@ class MLPSpec:
         return torch.cat(parts, 1).to(device)
 
 
-def forward(spec: MLPSpec, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Logits [B, n, C] of B weight rows on inputs x ([n, d] shared or [B, n, d] per row)."""
+def forward(spec, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Logits [B, n, C] of B weight rows on inputs x (shared [n, ...] or per row [B, n, ...]); ``spec`` is
+    an :class:`MLPSpec` or any object with ``logits`` (e.g. ``convnets.ModuleSpec``)."""
+    return spec.logits(theta, x)
+
+
+def mlp_logits(spec: MLPSpec, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     b = theta.shape[0]
     h = x if x.dim() == 3 else x.unsqueeze(0).expand(b, *x.shape)
     act = ACTIVATIONS[spec.activation]
@@ -64,14 +76,14 @@ def forward(spec: MLPSpec, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor
     return h
 
 
-def nll_per_row(spec: MLPSpec, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def nll_per_row(spec, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean NLL [B] of every row on (x, y) (y [n] shared or [B, n] per row)."""
     logits = forward(spec, theta, x)
     y = y if y.dim() == 2 else y.unsqueeze(0).expand(logits.shape[0], -1)
     return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
 
 
-def loss_and_grad(spec: MLPSpec, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+def loss_and_grad(spec, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
     """(mean minibatch NLL [B], its gradient [B, D]): rows are independent, so the gradient of the sum
     over rows is every row's own gradient."""
     with torch.enable_grad():
@@ -82,7 +94,7 @@ def loss_and_grad(spec: MLPSpec, theta: torch.Tensor, x: torch.Tensor, y: torch.
 
 
 @torch.no_grad()
-def probabilities(spec: MLPSpec, theta: torch.Tensor, x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+def probabilities(spec, theta: torch.Tensor, x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """Softmax predictions [B, n, C] of B rows (in chunks of rows to bound memory)."""
     return torch.cat([torch.softmax(forward(spec, theta[i:i + chunk], x), -1)
                       for i in range(0, theta.shape[0], chunk)])

@@ -102,7 +102,7 @@ class LearnedKinetic:
         self.w3, self.b3 = w3.reshape(m, h, 2), b3.reshape(m, 1, 2)
         self.copies, self.exp_mult, self.precond_mult = m, exp_mult, precond_mult
         self.tensor_ids = spec.tensor_ids().to(phi.device)
-        self.n_tensors = 2 * len(spec.layers)
+        self.n_tensors = spec.n_tensors
 
     def features(self, theta, r, grad_u, ema) -> torch.Tensor:
         raw = torch.cat([grad_u.unsqueeze(-1), theta.unsqueeze(-1), r.unsqueeze(-1), ema], -1)

@@ -1,9 +1,11 @@
 """Classification tasks built in code from scikit-learn: the meta-training family and the held-out tasks.
 
 A task is a dataset split train / validation / test (stratified; inputs standardised on the training
-part) and an MLP. Meta-training draws a new task each iteration: digits (all classes, a random 5-class
+part) and a network. Meta-training draws a new task each iteration: digits (all classes, a random 5-class
 subset, or a fixed random pixel permutation) or make_moons / make_circles / make_classification, with an
-MLP from widths x depths x activations.
+MLP from widths x depths x activations. At paper scale the datasets are local ``npz:<name>`` files
+(``<data_dir>/<name>.npz`` with images ``x`` and labels ``y``) and the networks CNNs (width x depth x
+residual) or ResNet-FRN-Swish.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ class TaskArrays:
     hidden: tuple[int, ...]
     activation: str
     arrays: dict[str, np.ndarray]      # x_train, y_train, x_val, y_val, x_test, y_test
+    arch: str = "mlp"                  # mlp | cnn | resnet_frn (hidden = [width] * depth)
+    residual: bool = False
 
     @property
     def n_classes(self) -> int:
@@ -29,10 +33,42 @@ class TaskArrays:
     def sizes(self) -> tuple[int, ...]:
         return (self.arrays["x_train"].shape[1], *self.hidden, self.n_classes)
 
+    def spec(self):
+        """The task network: an MLPSpec, or a ModuleSpec for convolutional nets (paper scale)."""
+        from models.l2e_sgmcmc.convnets import module_spec
+        from models.l2e_sgmcmc.network import MLPSpec
 
-def dataset(kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(x float32 [n, d], y int64 [n]) of one dataset kind; random variants draw from ``rng``."""
+        if self.arch == "mlp":
+            return MLPSpec(self.sizes, self.activation)
+        return module_spec(self.arch, self.arrays["x_train"].shape[1], self.n_classes, self.hidden[0],
+                           len(self.hidden), self.residual)
+
+
+def local_images(path) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` (N, H, W), (N, H, W, C) or (N, C, H, W), uint8 or float, and ``y`` of a local .npz file, as
+    float32 (N, C, H, W) in [0, 1] and int64 labels."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"paper-scale data file '{path}' is missing (see docs/l2e_sgmcmc.md)")
+    with np.load(path, allow_pickle=False) as data:
+        x, y = data["x"], data["y"].reshape(-1).astype(np.int64)
+    x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x), y
+
+
+def dataset(kind: str, rng: np.random.Generator, data_dir: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """(x float32 [n, ...], y int64 [n]) of one dataset kind; random variants draw from ``rng``."""
+    from pathlib import Path
+
     from sklearn import datasets
+
+    if kind.startswith("npz:"):
+        return local_images(Path(data_dir) / f"{kind[4:]}.npz")
 
     if kind in ("digits", "digits_subset", "digits_permuted"):
         d = datasets.load_digits()
@@ -74,38 +110,28 @@ def split(x: np.ndarray, y: np.ndarray, val: float, test: float, seed: int) -> d
             for s in SPLIT_NAMES for a in ("x", "y")}
 
 
-def family_task(rng: np.random.Generator, kinds: list[str], widths: list[int], depths: list[int],
-                activations: list[str], val: float, test: float) -> TaskArrays:
-    """One draw from the meta-training family."""
-    kind = str(rng.choice(kinds))
-    x, y = dataset(kind, rng)
-    width, depth = int(rng.choice(widths)), int(rng.choice(depths))
-    activation = str(rng.choice(activations))
+def family_task(rng: np.random.Generator, family: dict, val: float, test: float, data_dir: str = "") -> TaskArrays:
+    """One draw from the meta-training family (prepare's ``family`` section)."""
+    kind = str(rng.choice(family["datasets"]))
+    x, y = dataset(kind, rng, data_dir)
+    width, depth = int(rng.choice(family["widths"])), int(rng.choice(family["depths"]))
+    activation, arch = str(rng.choice(family["activations"])), str(rng.choice(family["archs"]))
+    residual = bool(rng.choice(family["residual"]))
     arrays = split(x, y, val, test, int(rng.integers(2**31)))
-    return TaskArrays(f"{kind}_w{width}_d{depth}_{activation}", (width,) * depth, activation, arrays)
-
-
-def to_task(task: TaskArrays, device=None):
-    """The model-side Task (torch tensors on ``device``) of train / validation arrays."""
-    import torch
-
-    from models.l2e_sgmcmc.meta import Task
-    from models.l2e_sgmcmc.network import MLPSpec
-
-    t = lambda k: torch.as_tensor(task.arrays[k]).to(device)
-    return Task(task.name, MLPSpec(task.sizes, task.activation), t("x_train"), t("y_train"), t("x_val"),
-                t("y_val"))
+    name = f"{kind.replace(':', '_')}_{arch}_w{width}_d{depth}_{activation}{'_res' if residual else ''}"
+    return TaskArrays(name, (width,) * depth, activation, arrays, arch, residual)
 
 
 def save_task(folder, task: TaskArrays) -> dict:
     from tasks.core import io
 
     io.save_arrays(folder / f"{task.name}.npz", **task.arrays)
-    return {"name": task.name, "hidden": list(task.hidden), "activation": task.activation}
+    return {"name": task.name, "hidden": list(task.hidden), "activation": task.activation, "arch": task.arch,
+            "residual": task.residual}
 
 
 def load_task(folder, entry: dict) -> TaskArrays:
     from tasks.core import io
 
     return TaskArrays(entry["name"], tuple(entry["hidden"]), entry["activation"],
-                      io.load_arrays(folder / f"{entry['name']}.npz"))
+                      io.load_arrays(folder / f"{entry['name']}.npz"), entry["arch"], entry["residual"])

@@ -11,7 +11,17 @@ from pydantic import Field
 
 from tasks.core import Params, StageContext, io, stage
 
-from .family import family_task, load_task, to_task
+from .family import TaskArrays, family_task, load_task
+
+
+def to_task(task: TaskArrays, device=None):
+    """The model-side Task (torch tensors on ``device``) of train / validation arrays."""
+    import torch
+
+    from models.l2e_sgmcmc.meta import Task
+
+    t = lambda k: torch.as_tensor(task.arrays[k]).to(device)
+    return Task(task.name, task.spec(), t("x_train"), t("y_train"), t("x_val"), t("y_val"))
 
 
 class MetatrainParams(Params):
@@ -69,7 +79,6 @@ def train_run(run: Run, on_eval=None) -> dict:
     p = MetatrainParams.model_validate(run.params)
     data = Path(run.data_dir)
     meta = io.read_json(data / "meta.json")
-    fam = meta["family"]
     metaval = [to_task(load_task(data / "metaval", e), run.device) for e in meta["metaval"]]
     trainer = MetaTrainer(meta_config(p, run.multiplier), run.seed, run.device)
     if run.state is not None:
@@ -79,8 +88,8 @@ def train_run(run: Run, on_eval=None) -> dict:
     if run.start == 0:
         curve.append({"iteration": 0, "score": trainer.validation_score(metaval, run.seed)})
     for it in range(run.start, run.stop):
-        task = to_task(family_task(rng, fam["datasets"], fam["widths"], fam["depths"], fam["activations"],
-                                   meta["val_fraction"], meta["test_fraction"]), run.device)
+        task = to_task(family_task(rng, meta["family"], meta["val_fraction"], meta["test_fraction"],
+                                   meta["data_dir"]), run.device)
         losses.append(trainer.step(task))
         if (it + 1) % p.eval_every == 0 or it + 1 == run.stop:
             curve.append({"iteration": it + 1, "score": trainer.validation_score(metaval, run.seed)})

@@ -36,7 +36,6 @@ class Bench:
     def __init__(self, job: TaskJob):
         import torch
 
-        from models.l2e_sgmcmc.network import MLPSpec
         from tasks.core import io
 
         self.p, self.k = job.params, job.kinetic
@@ -45,7 +44,7 @@ class Bench:
         t = lambda key: torch.as_tensor(task.arrays[key]).to(self.device)
         self.x, self.y = t("x_train"), t("y_train")
         self.x_val, self.y_val, self.x_test, self.y_test = t("x_val"), t("y_val"), t("x_test"), t("y_test")
-        self.spec = MLPSpec(task.sizes, task.activation)
+        self.spec = task.spec()
         self.phi = {k: v.to(self.device) for k, v in io.load_state(job.kinetic_file).items()}
         self.seed = job.seed
 
