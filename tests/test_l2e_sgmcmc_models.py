@@ -60,13 +60,13 @@ def test_es_gradient_on_a_quadratic_matches_the_true_gradient_in_expectation():
 
 def test_feature_normalisation_is_per_tensor_rms():
     ids = SPEC.tensor_ids()
-    x = torch.randn(2, SPEC.dim, 3) * torch.linspace(0.1, 10, SPEC.dim).view(1, -1, 1)
+    x = torch.randn(2, 3, SPEC.dim) * torch.linspace(0.1, 10, SPEC.dim)
     out = S.normalise_per_tensor(x, ids, 4)
     for t in range(4):
-        ms = (out[:, ids == t] ** 2).mean(1)
+        ms = (out[..., ids == t] ** 2).mean(-1)
         torch.testing.assert_close(ms, torch.ones_like(ms), atol=1e-3, rtol=1e-3)
     scaled = x.clone()
-    scaled[:, ids == 1] *= 100.0  # rescaling one tensor changes nothing
+    scaled[..., ids == 1] *= 100.0  # rescaling one tensor changes nothing
     torch.testing.assert_close(S.normalise_per_tensor(scaled, ids, 4), out, atol=1e-4, rtol=1e-4)
 
 
@@ -85,7 +85,7 @@ def _reference_kinetic(phi, hidden, mult, spec, theta, r, grad_u, ema, r_new):
     for b in range(r.shape[0]):
         for t in range(2 * len(spec.layers)):
             m = ids == t
-            feats = torch.stack([grad_u[b, m], theta[b, m], r[b, m], *ema[b, m].T], 1)
+            feats = torch.stack([grad_u[b, m], theta[b, m], r[b, m], *ema[b, :, m]], 1)
             out = net(rms(feats))
             alpha[b, m], beta[b, m] = out[:, 0] * mult, out[:, 1] * mult
             feats[:, 2] = r_new[b, m]
@@ -98,7 +98,7 @@ def test_vectorised_update_matches_a_per_tensor_loop():
     phi = S.init_kinetic_net(hidden, torch.Generator().manual_seed(3))
     theta = SPEC.init(3, torch.Generator().manual_seed(4))
     r, grad_u, r_new = torch.randn_like(theta), torch.randn_like(theta) * 50, torch.randn_like(theta)
-    ema = torch.randn(3, SPEC.dim, 6)
+    ema = torch.randn(3, 6, SPEC.dim)
     kin = S.LearnedKinetic(phi, hidden, mult, mult, SPEC)
     alpha, beta, cache = kin.gradients(theta, r, grad_u, ema)
     ref = _reference_kinetic(phi, hidden, mult, SPEC, theta, r, grad_u, ema, r_new)
@@ -113,7 +113,7 @@ def test_copies_of_the_meta_parameters_drive_their_own_chains():
     gen = torch.Generator().manual_seed(5)
     phis = torch.stack([S.init_kinetic_net(hidden, gen) for _ in range(2)])
     theta = SPEC.init(4, gen)
-    r, grad_u, ema = torch.randn_like(theta), torch.randn_like(theta), torch.randn(4, SPEC.dim, 6)
+    r, grad_u, ema = torch.randn_like(theta), torch.randn_like(theta), torch.randn(4, 6, SPEC.dim)
     both, _, _ = S.LearnedKinetic(phis, hidden, 1.0, 1.0, SPEC).gradients(theta, r, grad_u, ema)
     for m in range(2):
         rows = slice(2 * m, 2 * m + 2)
@@ -170,3 +170,11 @@ def test_batched_deep_ensemble_equals_independent_members():
             loss.backward()
             opt.step()
         torch.testing.assert_close(together[b], theta.detach()[0], atol=1e-6, rtol=1e-5)
+
+
+def test_slice_and_scatter_normalisations_agree(monkeypatch):
+    ids = SPEC.tensor_ids()
+    x = torch.randn(2, 3, SPEC.dim) * 7
+    sliced = S.normalise_per_tensor(x, ids, 4)
+    monkeypatch.setattr(S, "SLICE_TENSORS", 0)
+    torch.testing.assert_close(S.normalise_per_tensor(x, ids, 4), sliced, atol=1e-5, rtol=1e-5)

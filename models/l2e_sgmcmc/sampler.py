@@ -26,6 +26,7 @@ EMA_DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 N_FEATURES = 3 + len(EMA_DECAYS)  # gradient, weight, momentum, six gradient EMAs
 MOMENTUM_FEATURE = 2
 NORM_EPS = 1e-5
+SLICE_TENSORS = 16  # per-tensor statistics from slices up to this many tensors, else a scatter
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,22 @@ class Dynamics:
 
 
 def normalise_per_tensor(x: torch.Tensor, tensor_ids: torch.Tensor, n_tensors: int) -> torch.Tensor:
-    """x / sqrt(mean over the layer tensor of x^2 + 1e-5), per row and feature (x is [B, D, F])."""
-    counts = torch.bincount(tensor_ids, minlength=n_tensors).to(x.dtype)
-    sq = torch.zeros(x.shape[0], n_tensors, x.shape[2], dtype=x.dtype, device=x.device)
-    sq.index_add_(1, tensor_ids, x * x)
-    scale = torch.rsqrt(sq / counts[:, None] + NORM_EPS)
-    return x * scale[:, tensor_ids]
+    """x / sqrt(mean over the layer tensor of x^2 + 1e-5), per row and feature (x is [B, F, D]).
+
+    The weights of a tensor are contiguous, so the statistics come from slices when tensors are few
+    (3x faster than a scatter on CPU); a scatter over ``tensor_ids`` serves many-tensor nets."""
+    counts = torch.bincount(tensor_ids, minlength=n_tensors)
+    if n_tensors <= SLICE_TENSORS:
+        out, start = torch.empty_like(x), 0
+        for length in counts.tolist():
+            part = x[..., start:start + length]
+            out[..., start:start + length] = part * torch.rsqrt(part.pow(2).mean(-1, keepdim=True) + NORM_EPS)
+            start += length
+        return out
+    sq = torch.zeros(x.shape[0], x.shape[1], n_tensors, dtype=x.dtype, device=x.device)
+    sq.index_add_(2, tensor_ids, x * x)
+    scale = torch.rsqrt(sq / counts.to(x.dtype) + NORM_EPS)
+    return x * scale[..., tensor_ids]
 
 
 class SGHMCKinetic:
@@ -77,7 +88,7 @@ def kinetic_net_size(hidden: int) -> int:
 
 
 def init_kinetic_net(hidden: int, generator: torch.Generator) -> torch.Tensor:
-    """Flat meta-parameters drawn like nn.Linear's default initialisation."""
+    """Flat meta-parameters drawn like nn.Linear's default initialisation (weights stored in x out)."""
     parts = []
     for fan_in, fan_out in ((N_FEATURES, hidden), (hidden, hidden), (hidden, 2)):
         bound = 1.0 / math.sqrt(fan_in)
@@ -86,51 +97,51 @@ def init_kinetic_net(hidden: int, generator: torch.Generator) -> torch.Tensor:
 
 
 class LearnedKinetic:
-    """alpha, beta from the per-weight MLP with M copies of its meta-parameters (``phi`` [M, P]); row b of
-    the chains uses copy b // (B / M). One batched MLP call covers every weight of every chain."""
+    """alpha, beta from the per-weight MLP with M copies of its meta-parameters (``phi`` [M, P]); chain b
+    uses copy b // (B / M). Features are laid out [B, 9, D] (weights last), so each layer is one batched
+    matmul W^T [H, in] @ h [in, D] per chain: one MLP call covers every weight of every chain, and the long
+    weight axis keeps the matmuls efficient."""
 
     uses_features = True
 
-    def __init__(self, phi: torch.Tensor, hidden: int, exp_mult: float, precond_mult: float,
-                 spec: MLPSpec):
+    def __init__(self, phi: torch.Tensor, hidden: int, exp_mult: float, precond_mult: float, spec):
         phi = phi if phi.dim() == 2 else phi.unsqueeze(0)
         m, h, f = phi.shape[0], hidden, N_FEATURES
-        sizes = [f * h, h, h * h, h, h * 2, 2]
-        w1, b1, w2, b2, w3, b3 = torch.split(phi, sizes, dim=1)
-        self.w1, self.b1 = w1.reshape(m, f, h), b1.reshape(m, 1, h)
-        self.w2, self.b2 = w2.reshape(m, h, h), b2.reshape(m, 1, h)
-        self.w3, self.b3 = w3.reshape(m, h, 2), b3.reshape(m, 1, 2)
+        w1, b1, w2, b2, w3, b3 = torch.split(phi, [f * h, h, h * h, h, h * 2, 2], dim=1)
+        self.w1, self.b1 = w1.reshape(m, f, h).transpose(1, 2), b1.reshape(m, h, 1)
+        self.w2, self.b2 = w2.reshape(m, h, h).transpose(1, 2), b2.reshape(m, h, 1)
+        self.w3, self.b3 = w3.reshape(m, h, 2).transpose(1, 2), b3.reshape(m, 2, 1)
         self.copies, self.exp_mult, self.precond_mult = m, exp_mult, precond_mult
         self.tensor_ids = spec.tensor_ids().to(phi.device)
         self.n_tensors = spec.n_tensors
 
+    def _per_chain(self, w: torch.Tensor, rows: int) -> torch.Tensor:
+        return w if self.copies == rows else w.repeat_interleave(rows // self.copies, 0)
+
     def features(self, theta, r, grad_u, ema) -> torch.Tensor:
-        raw = torch.cat([grad_u.unsqueeze(-1), theta.unsqueeze(-1), r.unsqueeze(-1), ema], -1)
+        raw = torch.cat([grad_u.unsqueeze(1), theta.unsqueeze(1), r.unsqueeze(1), ema], 1)
         return normalise_per_tensor(raw, self.tensor_ids, self.n_tensors)
 
     def gradients(self, theta, r, grad_u, ema):
-        b, d = r.shape
-        feats = self.features(theta, r, grad_u, ema).reshape(self.copies, -1, N_FEATURES)
-        pre1 = torch.baddbmm(self.b1, feats, self.w1)
-        out = self._tail(pre1, self.w3, self.b3)
-        alpha = out[..., 0].reshape(b, d) * self.exp_mult
-        beta = out[..., 1].reshape(b, d) * self.precond_mult
-        return alpha, beta, (pre1, feats[..., MOMENTUM_FEATURE])
+        rows = r.shape[0]
+        feats = self.features(theta, r, grad_u, ema)
+        pre1 = torch.baddbmm(self._per_chain(self.b1, rows), self._per_chain(self.w1, rows), feats)
+        out = self._tail(pre1, self.w3, self.b3, rows)
+        return out[:, 0] * self.exp_mult, out[:, 1] * self.precond_mult, (pre1, feats[:, MOMENTUM_FEATURE:MOMENTUM_FEATURE + 1])
 
     def beta_at(self, r_new, cache):
         """beta at the new momentum: only the momentum feature changes, so the first layer's
         pre-activation is corrected rather than recomputed (a fused second evaluation)."""
         pre1, r_old = cache
-        b, d = r_new.shape
-        r_feat = normalise_per_tensor(r_new.unsqueeze(-1), self.tensor_ids, self.n_tensors)
-        shift = (r_feat.reshape(self.copies, -1) - r_old).unsqueeze(-1)
-        pre1 = pre1 + shift * self.w1[:, MOMENTUM_FEATURE].unsqueeze(1)
-        out = self._tail(pre1, self.w3[..., 1:], self.b3[..., 1:])
-        return out[..., 0].reshape(b, d) * self.precond_mult
+        rows = r_new.shape[0]
+        r_feat = normalise_per_tensor(r_new.unsqueeze(1), self.tensor_ids, self.n_tensors)
+        pre1 = pre1 + self._per_chain(self.w1[:, :, MOMENTUM_FEATURE:MOMENTUM_FEATURE + 1], rows) * (r_feat - r_old)
+        out = self._tail(pre1, self.w3[:, 1:], self.b3[:, 1:], rows)
+        return out[:, 0] * self.precond_mult
 
-    def _tail(self, pre1, w3, b3):
-        h = torch.relu(torch.baddbmm(self.b2, torch.relu(pre1), self.w2))
-        return torch.baddbmm(b3, h, w3)
+    def _tail(self, pre1, w3, b3, rows):
+        h = torch.baddbmm(self._per_chain(self.b2, rows), self._per_chain(self.w2, rows), torch.relu(pre1)).relu_()
+        return torch.baddbmm(self._per_chain(b3, rows), self._per_chain(w3, rows), h)
 
 
 def sgmcmc_step(theta, r, grad_u, ema, eps, dyn: Dynamics, kinetic, noise):
@@ -144,8 +155,9 @@ def sgmcmc_step(theta, r, grad_u, ema, eps, dyn: Dynamics, kinetic, noise):
 
 
 def update_emas(ema: torch.Tensor, grad_u: torch.Tensor) -> torch.Tensor:
-    decays = torch.tensor(EMA_DECAYS, dtype=ema.dtype, device=ema.device)
-    return decays * ema + (1 - decays) * grad_u.unsqueeze(-1)
+    """The six gradient EMAs, [B, 6, D]."""
+    decays = torch.tensor(EMA_DECAYS, dtype=ema.dtype, device=ema.device).view(1, -1, 1)
+    return decays * ema + (1 - decays) * grad_u.unsqueeze(1)
 
 
 def _tile(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -170,7 +182,7 @@ def run_chains(spec: MLPSpec, x: torch.Tensor, y: torch.Tensor, theta0: torch.Te
     b, d = theta0.shape
     g = groups or b
     theta, r = theta0.clone(), torch.zeros_like(theta0)
-    ema = torch.zeros(b, d, len(EMA_DECAYS), device=theta0.device) if kinetic.uses_features else None
+    ema = torch.zeros(b, len(EMA_DECAYS), d, device=theta0.device) if kinetic.uses_features else None
     wanted, samples = set(sample_steps), []
     for t in range(steps):
         idx = _tile(torch.randint(0, x.shape[0], (g, batch_size), generator=generator,
