@@ -53,10 +53,17 @@ class Bench:
 
         return torch.Generator(device=self.device).manual_seed(self.seed * 1000 + offset)
 
-    def dynamics(self, step_mult, temperature):
+    def dynamics(self, method: str, step_mult, temperature):
+        """L2E keeps the paper's C = 0.1. SGHMC and cSGHMC use Chen et al.'s parameterisation: learning
+        rate eta = eps^2 N = step_mult on the mean loss and momentum decay eps C = sghmc_momentum_decay per
+        step (C = 0.1 there leaves almost no friction and the chains diverge)."""
         from models.l2e_sgmcmc.sampler import Dynamics
 
-        return Dynamics(self.x.shape[0], step_mult, self.k["friction"], temperature, self.k["weight_decay"])
+        dyn = Dynamics(self.x.shape[0], step_mult, self.k["friction"], temperature, self.k["weight_decay"])
+        if method.startswith("l2e"):
+            return dyn
+        return Dynamics(dyn.n_data, step_mult, self.p["sghmc_momentum_decay"] / dyn.eps, temperature,
+                        dyn.weight_decay)
 
     def kinetic(self, name: str):
         from models.l2e_sgmcmc.sampler import LearnedKinetic, SGHMCKinetic
@@ -83,7 +90,8 @@ class Bench:
                                     config["lr"], self.k["weight_decay"], gen)
             return theta.reshape(rows // members, members, -1).transpose(0, 1)
         block = rows // len(config["step_mult"])
-        dyn = self.dynamics(self.column(config["step_mult"], block), self.column(config["temperature"], block))
+        dyn = self.dynamics(method, self.column(config["step_mult"], block),
+                            self.column(config["temperature"], block))
         if method == "csghmc":
             schedule = S.cyclical_schedule(p["steps"], config["cycles"], p["explore_fraction"])
             steps = S.cyclical_sample_steps(p["steps"], config["cycles"], p["samples"], p["explore_fraction"])
@@ -201,7 +209,7 @@ def timing_rows(job: TaskJob) -> dict:
     bench = Bench(job)
     p = job.params
     theta0 = bench.spec.init(p["chains"], bench.generator(3), bench.device)
-    dyn = bench.dynamics(p["sghmc_step_mults"][0], 1.0)
+    dyn = bench.dynamics("sghmc", p["sghmc_step_mults"][0], 1.0)
     seconds = time_per_step(bench.spec, bench.x, bench.y, theta0, dyn,
                             {"l2e": bench.kinetic("l2e"), "sghmc": bench.kinetic("sghmc")},
                             p["timing_steps"], p["batch_size"], p["timing_repeats"], job.seed)
