@@ -199,5 +199,7 @@ def time_forward(guards: dict, batches: dict, repeats: int) -> dict[str, list[fl
             start = time.perf_counter()
             for b in batches[n]:
                 guards[n].forward(b)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             times[n].append(time.perf_counter() - start)
     return times

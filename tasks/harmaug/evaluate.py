@@ -3,6 +3,7 @@ generator read by the oracle parser, FLOPs and CPU latency side by side, claims 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -20,6 +21,7 @@ class EvaluateParams(Params):
     latency_batch_size: int = Field(gt=0)
     latency_repeats: int = Field(ge=2, description="interleaved timed rounds (the latency CI's n)")
     latency_threads: int = Field(gt=0, description="torch threads while timing (both models alike)")
+    latency_device: Literal["cpu", "stage"] = Field(description="time on the CPU, or on the stage's device")
     parser_rows: int = Field(gt=0, description="world rows per kind the oracle parser is checked on")
     beat_margin: float = Field(description="HarmAug minus a baseline, F1 and AUPRC: CI above this")
     gap_fraction: float = Field(gt=0, lt=1, description="share of the unseen-category F1 gap recovered")
@@ -64,8 +66,8 @@ def parser_accuracy(world, n: int, seed: int) -> float:
     return float(np.mean(right))
 
 
-def measure_cost(teacher, student, tests: dict, p: EvaluateParams) -> dict:
-    """FLOPs and CPU seconds of the teacher's and the student's forward passes on the same rows."""
+def measure_cost(teacher, student, tests: dict, p: EvaluateParams, device) -> dict:
+    """FLOPs and seconds of the teacher's and the student's forward passes on the same rows."""
     import torch
 
     from models.harmaug.guard import forward_flops, time_forward
@@ -74,7 +76,7 @@ def measure_cost(teacher, student, tests: dict, p: EvaluateParams) -> dict:
     prompts, responses = columns(rows, "prompt", "response")
     guards = {"teacher": teacher, "student": student}
     for g in guards.values():
-        g.model.to("cpu")
+        g.model.to("cpu" if p.latency_device == "cpu" else device)
     batches = {n: g.encode(prompts, responses, p.latency_batch_size) for n, g in guards.items()}
     flops = {n: forward_flops(g, batches[n]) for n, g in guards.items()}
     threads = torch.get_num_threads()
@@ -114,7 +116,7 @@ def evaluate(ctx: StageContext, p: EvaluateParams) -> None:
             scores[v][s], probs[v][s] = score_tests(students[(v, s)], tests, unseen, p.batch_size)
     aug = ctx.input("augment")
     gen = generator_stats([io.read_json(aug / f"seed{s}" / "instructions.json") for s in meta["seeds"]], seen)
-    cost = measure_cost(teacher, students[("harmaug", meta["seeds"][0])], tests, p)
+    cost = measure_cost(teacher, students[("harmaug", meta["seeds"][0])], tests, p, ctx.device)
     claims, gates = decide(scores, gen, parser_accuracy(world, p.parser_rows, ctx.seed), cost, p)
     curves = {t: {m: precision_recall_curve([r["label"] for r in rows],
                                             (probs[m]["all"] if m == "teacher" else probs[m][meta["seeds"][0]])[t])[:2]

@@ -84,7 +84,8 @@ def local_tests(folder: Path) -> dict[str, list[dict]]:
 
 def chats(world, tok, rng: np.random.Generator, p: PrepareParams) -> list[str]:
     """Instruction tuning and safety alignment through the tokenizer's chat template: a request for a
-    benign prompt (benign exemplars) is answered with the prefix and a new benign prompt; the request for
+    benign prompt (benign exemplars) is answered with the prefix and a new benign prompt (words not among
+    the examples'); the request for
     a harmful prompt (exemplars from the seen categories, as in D) is answered by a refusal."""
     from models.harmaug.lm import chat_prompt
     from models.harmaug.world import BENIGN_REQUEST, PREFIX, REFUSALS, request_text
@@ -93,9 +94,21 @@ def chats(world, tok, rng: np.random.Generator, p: PrepareParams) -> list[str]:
     examples = lambda kind, cats: [world.prompt(rng, kind, cats).prompt for _ in range(p.shots)]
     out = [f"{chat_prompt(tok, request_text(examples('harmful', p.seen_categories)))} "
            f"{REFUSALS[rng.integers(len(REFUSALS))]}" for _ in range(p.alignment_chats)]
-    out += [f"{chat_prompt(tok, request_text(examples('benign', every), BENIGN_REQUEST), PREFIX)} "
-            f"{world.prompt(rng, 'benign', every).prompt}" for _ in range(p.instruction_chats)]
+    for _ in range(p.instruction_chats):
+        shown = examples("benign", every)
+        out.append(f"{chat_prompt(tok, request_text(shown, BENIGN_REQUEST), PREFIX)} "
+                   f"{new_prompt(world, rng, 'benign', every, shown)}")
     return out
+
+
+def new_prompt(world, rng: np.random.Generator, kind: str, cats: list[int], shown: list[str], tries: int = 50) -> str:
+    """A prompt none of whose verb and object appears among the ``shown`` ones (a new example)."""
+    used = {w for x in shown for w in x.split()}
+    for _ in range(tries):
+        parsed = world.parse(text := world.prompt(rng, kind, cats).prompt)
+        if parsed.verb not in used and parsed.obj not in used:
+            return text
+    return text
 
 
 @stage(params=PrepareParams)
