@@ -7,8 +7,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .core import errors
-
 
 def _papers_help() -> str:
     from .core.registry import papers  # discovered without importing any stage
@@ -75,6 +73,8 @@ def _list(paper: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .core import errors
+
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
@@ -107,4 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tasks.stageserver import forward  # stdlib only: a warm server runs the stage if one is up
+
+    forwarded = forward(sys.argv[1:])
+    sys.exit(main() if forwarded is None else forwarded)

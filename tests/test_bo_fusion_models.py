@@ -234,6 +234,10 @@ def test_split_batches_feeds_the_top_layers_the_cached_features(tmp_path):
     assert model.n_cached == 2 and isinstance(model.module, backbone.TopLayersClassifier)
     trained = {n for n, p in model.hf.named_parameters() if p.requires_grad}
     assert trained and all("layer.0." not in n and "layer.1." not in n for n in trained)
+    assert not any("embeddings" in n for n in trained)
+    everything = backbone.build_trainable(tmp_path, 3, num_layers=None, variant="full", frozen_layers=0,
+                                          cache_frozen=True, lora_rank=2, lora_alpha=4.0, seed=0, device="cpu")
+    assert all(p.requires_grad for p in everything.hf.parameters())  # the paper's full fine-tune
     g = torch.Generator().manual_seed(1)
     tensors = {"val_ids": torch.randint(0, 50, (4, 6), generator=g), "val_mask": torch.ones(4, 6, dtype=torch.long),
                "val_labels": torch.tensor([0, 1, 2, 1])}

@@ -236,7 +236,10 @@ def test_sigterm_ends_the_mlflow_run_killed_and_sigkill_orphans_are_ended_next_t
 
     repo = make_clone(tmp_path / "term")
     set_param(repo, "lowprec_ensemble.train.epochs", 400)
-    env = {**os.environ, "PAPERFLOWS_NO_PROGRESS": "1", "MLFLOW_TRACKING_URI": mlflow_uri}
+    # a stage in its own process (no warm server: through it, a SIGKILLed client's run ends KILLED at
+    # once, tested in test_stageserver.py)
+    env = {**os.environ, "PAPERFLOWS_NO_PROGRESS": "1", "MLFLOW_TRACKING_URI": mlflow_uri,
+           "PAPERFLOWS_STAGE_SERVER": "0"}
     subprocess.run([sys.executable, "-m", "tasks", "run", "lowprec_ensemble", "prepare", "--no-mlflow"],
                    cwd=repo, env=env, check=True, capture_output=True)
     mlflow.set_tracking_uri(mlflow_uri)
@@ -269,3 +272,24 @@ def test_sigterm_ends_the_mlflow_run_killed_and_sigkill_orphans_are_ended_next_t
     subprocess.run([sys.executable, "-m", "tasks", "run", "lowprec_ensemble", "train"], cwd=repo, env=env,
                    check=True, capture_output=True)
     assert sorted(train_runs()["status"]) == ["FINISHED", "KILLED", "KILLED"]
+
+
+def test_gpu_check_audits_devices_and_says_when_there_is_no_gpu():
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import DeviceAudit
+
+    audit = DeviceAudit()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(audit)
+    try:
+        torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))(torch.zeros(3, 2))
+    finally:
+        handle.remove()
+    assert audit.calls == 3
+    assert "Linear: parameter weight on cpu" in audit.violations
+    assert "BatchNorm1d: buffer running_mean on cpu" in audit.violations
+    if not torch.cuda.is_available():
+        out = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, capture_output=True,
+                             text=True)
+        assert out.returncode == 3 and "no CUDA device" in out.stderr

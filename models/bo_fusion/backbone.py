@@ -142,8 +142,9 @@ def build_trainable(path: Path, num_labels: int, *, num_layers: int | None, vari
             for p in layer.parameters():
                 p.requires_grad_(True)
         prefix = hf.base_model_prefix + "."
-        for name, p in hf.named_parameters():
-            if not name.startswith(prefix) or name.startswith(prefix + "pooler."):
+        trained = (prefix + "pooler.",) + ((prefix + "embeddings.",) if frozen_layers == 0 else ())
+        for name, p in hf.named_parameters():  # frozen_layers 0 fine-tunes everything, embeddings too
+            if not name.startswith(prefix) or name.startswith(trained):
                 p.requires_grad_(True)
     else:
         for name, p in hf.named_parameters():

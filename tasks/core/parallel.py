@@ -3,7 +3,7 @@
 Small models on a few CPU cores train fastest with one torch thread per process and one process per
 core: torch's own threading does not pay off for them and degrades badly on a shared machine. A stage
 hands ``map_jobs`` a picklable top-level function and its job arguments; ``workers=1`` runs them in the
-stage's own process (no pickling, the same code path), more workers use spawned processes with one
+stage's own process (no pickling, the same code path), more workers are forked from a forkserver, with one
 torch thread each. Results come back in job order; a failing job raises in the stage (queued jobs
 are cancelled, running ones finish), so the stage fails as a whole and its outputs are not committed.
 Workers die with the stage process, however it ends.
@@ -27,8 +27,39 @@ def _die_with_parent() -> None:
         pass
 
 
-def _init_worker(threads: int) -> None:
+def _die_with_stage(stage_pid: int) -> None:
+    """A worker's parent is the forkserver, which outlives a SIGKILLed stage while its workers hold it
+    open: each worker watches the stage process itself and exits the moment it is gone."""
+    import select
+    import threading
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(stage_pid)
+            select.select([fd], [], [])  # readable when the process has exited
+        except (OSError, AttributeError):  # no pidfd (old kernel, not Linux): poll
+            import time
+
+            while os.getppid() != 1 and _exists(stage_pid):
+                time.sleep(0.5)
+        os._exit(137)
+
+    threading.Thread(target=watch, daemon=True, name="die-with-stage").start()
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _init_worker(threads: int, stage_pid: int) -> None:
     _die_with_parent()
+    _die_with_stage(stage_pid)
     import torch
 
     torch.set_num_threads(threads)
@@ -59,9 +90,13 @@ def map_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int = 1,
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    ctx = mp.get_context("spawn")  # fork after torch/OpenMP initialisation can deadlock
+    # Never fork the stage process itself (fork after torch/OpenMP initialisation can deadlock): a
+    # forkserver (a fresh interpreter started once per stage) imports torch and the job's module once,
+    # and forks each worker from that clean state instead of re-importing them in every worker.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", getattr(fn, "__module__", "") or "torch"])
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
-                             initializer=_init_worker, initargs=(1,)) as pool:
+                             initializer=_init_worker, initargs=(1, os.getpid())) as pool:
         futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
         pending = set(futures)
         bar = wrap(None, desc=desc, total=len(jobs))

@@ -217,7 +217,7 @@ def _write(ctx: StageContext, claims, gates, summary: dict, hists: dict, curves:
     io.write_json(ctx.results_file("curves/reemergence.json"), rows)
 
 
-@stage(params=EvaluateParams, inputs=("prepare", "pretrain", "safety", "finetune"))
+@stage(params=EvaluateParams, inputs=("prepare", "pretrain", "safety", "finetune"), gpu=True)
 def evaluate(ctx: StageContext, p: EvaluateParams) -> None:
     """Harmful rates, task quality and model arithmetic of every arm; claims by confidence intervals."""
     base, measured, hists, grids = _measure_models(ctx, p)

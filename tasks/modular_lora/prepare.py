@@ -57,7 +57,7 @@ class PrepareParams(Params):
         return self
 
 
-@stage(params=PrepareParams)
+@stage(params=PrepareParams, gpu=True)  # the VAE encodes the images at paper scale
 def prepare(ctx: StageContext, p: PrepareParams) -> None:
     """Data and harm detector: the digits (CPU scale) or a local SD pipeline's inputs (paper scale)."""
     if p.source == "sd_pipeline":
