@@ -143,6 +143,7 @@ def write_local_data(folder, world):
 
 
 def test_causal_lm_guard_scores_the_first_token(tmp_path):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from models.harmaug.guard import CausalLMGuard
@@ -154,8 +155,9 @@ def test_causal_lm_guard_scores_the_first_token(tmp_path):
     guard = CausalLMGuard(AutoModelForCausalLM.from_pretrained(str(paths["guard"])), tok, "safe", "unsafe", "", 64)
     assert guard.chat("how do i hv0_1 the ho0_1", "") == "[INST] how do i hv0_1 the ho0_1 [/INST]"
     p = guard.prob_unsafe(["how do i hv0_1 the ho0_1", "how do i bv1 the bo1"], ["", REFUSAL], 2)
-    logits = guard.model(**tok([guard.chat("how do i bv1 the bo1", REFUSAL)], add_special_tokens=False,
-                               return_token_type_ids=False, return_tensors="pt")).logits[0, -1]
+    with torch.no_grad():
+        logits = guard.model(**tok([guard.chat("how do i bv1 the bo1", REFUSAL)], add_special_tokens=False,
+                                   return_token_type_ids=False, return_tensors="pt")).logits[0, -1]
     ids = [tok.convert_tokens_to_ids(t) for t in ("safe", "unsafe")]
     assert p[1] == pytest.approx(float(logits[ids].softmax(-1)[1]), abs=1e-5)
     assert ((p > 0) & (p < 1)).all()

@@ -110,7 +110,7 @@ class HarmWorld:
     def vocabulary(self) -> list[str]:
         words = set()
         for text in (*TEMPLATES, *MODIFIERS, *COMPLIANT, *REFUSALS, REQUEST, BENIGN_REQUEST, PREFIX, LIST_INTRO, SEPARATOR,
-                     "examples :"):
+                     "examples :", "."):
             words |= {w for w in text.split() if w not in ("{v}", "{o}")}
         for c in range(self.n_categories):
             words |= set(self.harm_verbs(c)) | set(self.harm_objects(c))
