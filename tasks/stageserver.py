@@ -65,8 +65,12 @@ def fingerprint() -> str:
 
 def socket_path() -> str:
     folder = os.path.join(tempfile.gettempdir(), f"paperflows-{os.getuid()}")
+    name = f"stage-{fingerprint()}.sock"
+    if len(os.path.join(folder, name)) > 100:  # a Unix socket's path must fit in ~108 bytes
+        short = hashlib.sha256(folder.encode()).hexdigest()[:8]
+        folder = os.path.join("/tmp", f"paperflows-{os.getuid()}-{short}")
     os.makedirs(folder, mode=0o700, exist_ok=True)
-    return os.path.join(folder, f"stage-{fingerprint()}.sock")
+    return os.path.join(folder, name)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

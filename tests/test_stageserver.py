@@ -19,10 +19,13 @@ PAPER = "lowprec_ensemble"
 
 
 @pytest.fixture()
-def server_env(tmp_path):
-    """An environment whose stage server is private to this test (its own socket folder)."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+def server_env():
+    """An environment whose stage server is private to this test (its own socket folder, short enough
+    for a Unix socket's path)."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="pf-", dir="/tmp"))
     env = {**os.environ, "TMPDIR": str(tmp), "PAPERFLOWS_STAGE_SERVER": "1",
            "PAPERFLOWS_STAGE_SERVER_IDLE": "60", "PAPERFLOWS_NO_PROGRESS": "1"}
     yield env
@@ -33,6 +36,7 @@ def server_env(tmp_path):
                     os.kill(int(line.split()[2]), signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def tasks_run(repo: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -141,3 +145,17 @@ def test_server_exits_when_idle_and_is_replaced_when_its_environment_changes(tmp
         time.sleep(0.5)
     assert not sockets()  # both idle out and remove their sockets
     assert stageserver.fingerprint() != ""
+
+
+def test_a_long_temp_folder_still_gives_a_usable_socket_path(tmp_path, monkeypatch):
+    from tasks import stageserver
+
+    import tempfile
+
+    long_tmp = tmp_path / ("x" * 120)
+    long_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(long_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert tempfile.gettempdir() == str(long_tmp)
+    path = stageserver.socket_path()
+    assert len(path) <= 100 and os.path.isdir(os.path.dirname(path))
