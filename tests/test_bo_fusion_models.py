@@ -146,6 +146,23 @@ def test_two_objective_bo_stays_in_bounds_and_grows_hypervolume_on_a_known_front
     assert trace.model_seconds > 0 and trace.eval_seconds >= 0
 
 
+def test_two_objective_bo_never_compiles_a_cpp_extension(monkeypatch):
+    """botorch's optional fused qLogNEHVI kernel is JIT-compiled behind a lock file that a killed process
+    leaves behind (every later run then waits forever): the pure-PyTorch path is used instead."""
+    import torch.utils.cpp_extension as cpp_extension
+    from botorch.acquisition.multi_objective import logei
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a C++ extension was compiled at run time")
+
+    monkeypatch.setattr(cpp_extension, "load", refuse)
+    monkeypatch.setattr(logei, "_load_attempted", False)
+    trace = bo.maximise_two_objectives(lambda x: [x[0].item(), 1 - x[1].item()],
+                                       torch.tensor([[0.0, 0.0], [1.0, 1.0]]), [0.0, 0.0], n_initial=3,
+                                       n_iterations=1, seed=0, budget=FAST)
+    assert len(trace.hypervolume) == 2 and logei._C is None
+
+
 def test_bo_rejects_empty_search_space_and_bad_budgets():
     with pytest.raises(ValueError, match="empty search space"):
         bo.maximise_single_objective(lambda x: 0.0, torch.zeros(2, 0), n_initial=2, n_iterations=1, seed=0,

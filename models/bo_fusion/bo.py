@@ -81,6 +81,7 @@ def maximise_single_objective(
     from botorch.sampling import SobolQMCNormalSampler
     from gpytorch.mlls import ExactMarginalLogLikelihood
 
+    use_pure_python_qlogehvi()
     bounds = bounds.double()
     _check_bo_args(bounds, n_initial, n_iterations)
     rnd = round_input or (lambda x: x)
@@ -126,6 +127,22 @@ def pareto_mask(Y: Tensor) -> Tensor:
     return is_non_dominated(Y)
 
 
+def use_pure_python_qlogehvi() -> None:
+    """Keep botorch's qLogNEHVI on its pure-PyTorch path.
+
+    On first use, botorch (>= 0.17) JIT-compiles an optional fused C++ kernel with ``-march=native``
+    into the user's shared torch-extensions cache, guarded by a lock *file*: a process killed while
+    compiling (a cancelled stage, a timed-out test) leaves that file behind and every later process
+    waits on it forever; two processes compiling at once wait on each other. It also makes the numbers
+    depend on the compiler and CPU. Marking the load as already attempted makes botorch use the pure
+    PyTorch implementation of the same acquisition value, the same on every machine."""
+    from botorch.acquisition.multi_objective import logei
+
+    if hasattr(logei, "_load_attempted"):
+        logei._load_attempted = True
+        logei._C = None
+
+
 def maximise_two_objectives(
     objective: Callable[[Tensor], Sequence[float]],
     bounds: Tensor,
@@ -147,6 +164,7 @@ def maximise_two_objectives(
     from botorch.sampling import SobolQMCNormalSampler
     from gpytorch.mlls import SumMarginalLogLikelihood
 
+    use_pure_python_qlogehvi()
     bounds = bounds.double()
     _check_bo_args(bounds, n_initial, n_iterations)
     ref = torch.as_tensor(ref_point, dtype=torch.double)
