@@ -1,6 +1,7 @@
 """bo_fusion's claims on hand-made numbers: CI-based verdicts, the sign conventions, the gates."""
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from tasks.bo_fusion.evaluate import METHODS, EvaluateParams, fusion_claims, spearman, transfer_claim
@@ -50,17 +51,29 @@ def test_mismatch_means_a_weak_rank_correlation_not_any_disagreement():
 
 
 def test_a_seed_that_never_learned_makes_the_fusion_claims_untestable():
-    claims, learned = fusion_claims(_scores([0.80, 0.83, 0.81]), [0.0] * 3, [0.8, 0.26, 0.8], P)
-    assert not learned.passed
+    # per seed: the early-stopped model's val macro-F1 minus the majority class's (0.25 on this task);
+    # seed 1 collapsed to the majority class (gain 0.01), as a too-large transferred lr does
+    claims, learned = fusion_claims(_scores([0.80, 0.83, 0.81]), [0.0] * 3, [0.55, 0.01, 0.55], P)
+    assert not learned.passed and learned.threshold == P.majority_margin == 0.25
     assert all(c.verdict is None and c.gate == "members_learn" for c in claims)
     out, _ = payload(claims, [learned])
     assert all(rederive(out["claims_detail"][n]) == v for n, v in out["claims"].items())
 
 
 def test_hpo_transfer_compares_the_chosen_lr_with_the_grids_best_per_seed():
-    ok, g = transfer_claim([0.80, 0.79, 0.82], [0.81, 0.80, 0.82], P)
+    ok, g = transfer_claim([0.80, 0.79, 0.82], [0.81, 0.80, 0.82], 0.25, P)
     assert g.passed and ok.verdict is True
-    bad, _ = transfer_claim([0.66, 0.70, 0.68], [0.77, 0.78, 0.76], P)
+    bad, _ = transfer_claim([0.66, 0.70, 0.68], [0.77, 0.78, 0.76], 0.25, P)
     assert bad.verdict is False and bad.effect < P.margins.hpo_transfers
-    untestable, g = transfer_claim([0.3, 0.3], [0.3, 0.3], P)
-    assert not g.passed and untestable.verdict is None
+    untestable, g = transfer_claim([0.3, 0.3], [0.3, 0.3], 0.25, P)  # the grid never left the majority class
+    assert not g.passed and g.value == pytest.approx(0.05) and untestable.verdict is None
+
+
+def test_five_seeds_decide_a_consistent_paired_win_and_not_a_noisy_one():
+    steady = _scores([0.82, 0.80, 0.84, 0.81, 0.83], best_checkpoint=[0.80, 0.78, 0.83, 0.79, 0.81])
+    claims, _ = fusion_claims(steady, [0.0] * 5, [0.5] * 5, P)
+    c = {c.name: c for c in claims}["bomf_beats_best_checkpoint"]
+    assert c.n == 5 and c.effect == pytest.approx(0.018) and c.ci[0] > 0 and c.verdict is True
+    noisy = _scores([0.82, 0.80, 0.84, 0.81, 0.83], best_checkpoint=[0.86, 0.74, 0.88, 0.75, 0.80])
+    c = {c.name: c for c in fusion_claims(noisy, [0.0] * 5, [0.5] * 5, P)[0]}["bomf_beats_best_checkpoint"]
+    assert c.effect > 0 and c.verdict is False

@@ -87,12 +87,68 @@ def test_macro_f1_weighs_rare_class_like_frequent_one():
     assert macro_f1(target, target, 3) == pytest.approx(2 / 3)  # a class absent from both scores 0
 
 
-def test_checkpoint_window_follows_half_to_twice_the_reference_step():
-    assert training.checkpoint_window(100, 4, 0.5, 2.0) == [50, 100, 150, 200]
-    with pytest.raises(ValueError, match="K >= 2"):
-        training.checkpoint_window(100, 1, 0.5, 2.0)
-    with pytest.raises(ValueError, match="too short"):
-        training.checkpoint_window(2, 5, 0.5, 1.0)
+def test_pick_evenly_keeps_the_ends_and_spaces_by_position():
+    assert training.pick_evenly([50, 60, 70, 80, 90, 100, 110, 120, 130, 140, 150, 160, 170, 180, 190, 200], 4) \
+        == [50, 100, 150, 200]
+    assert training.pick_evenly([30, 10, 20], 5) == [10, 20, 30]  # fewer candidates than K: all of them
+
+
+def _early_stop(model, data, **kw):
+    args = dict(metric=macro_f1, lr=0.05, batch_size=16, max_steps=200, warmup_steps=2, weight_decay=0.0, seed=0,
+                eval_every=5, patience=3, save_every=5, n_checkpoints=4, window=(0.5, 2.0))
+    return training.finetune_early_stopping(model, data, data, **{**args, **kw})
+
+
+def test_early_stopping_finds_the_best_step_and_collects_half_to_twice_it():
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    data = _data(64)
+    res = _early_stop(model, data)
+    steps, f1s = [c[0] for c in res.val_curve], [c[1] for c in res.val_curve]
+    assert res.best_step == steps[f1s.index(max(f1s))] and res.best_val_metric == max(f1s)
+    assert res.stop_step == steps[-1] and res.stop_step - res.best_step == 3 * 5  # the patience ran out
+    assert res.window == (0.5 * res.best_step, 2.0 * res.best_step)
+    assert len(res.checkpoint_steps) == 4 and res.checkpoint_steps == sorted(res.checkpoint_steps)
+    assert all(res.window[0] <= s <= res.window[1] and s % 5 == 0 for s in res.checkpoint_steps)
+    assert res.last_step == max(res.stop_step, res.checkpoint_steps[-1]) and not res.truncated
+    # the checkpoints are those of a plain re-run from the same seed (the paper re-trains to collect them)
+    torch.manual_seed(0)
+    again = TinyClassifier()
+    rerun = training.finetune_collect(again, data, None, metric=macro_f1, lr=0.05, batch_size=16,
+                                      steps=res.checkpoint_steps[-1], warmup_steps=2, weight_decay=0.0, seed=0,
+                                      checkpoint_steps=res.checkpoint_steps)
+    for a, b in zip(res.checkpoints, rerun.checkpoints):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_early_stopping_trains_on_to_twice_the_best_step_and_reports_a_cut():
+    torch.manual_seed(0)
+    data = _data(64)
+    res = _early_stop(TinyClassifier(), data, patience=1, lr=0.01)
+    assert res.last_step >= 2 * res.best_step or res.truncated
+    cut = _early_stop(TinyClassifier(), data, max_steps=10, patience=50, lr=0.01)
+    assert cut.stop_step == 10 and cut.truncated == (cut.window[1] > 10)
+    with pytest.raises(ValueError, match="holds 1 checkpoint"):
+        _early_stop(TinyClassifier(), data, max_steps=5, patience=50, save_every=5)
+    with pytest.raises(ValueError, match="window"):
+        _early_stop(TinyClassifier(), data, window=(2.0, 0.5))
+
+
+def test_bomf_objectives_maximise_the_metric_and_the_negative_loss_on_the_members_scale():
+    f1s, losses = [0.60, 0.70, 0.80], [0.50, 0.40, 0.45]
+    members = [fusion.bomf_objectives(f, l, f1s, losses) for f, l in zip(f1s, losses)]
+    assert members[2][0] == pytest.approx(1.0) and members[0][0] == pytest.approx(0.0)   # best / worst F1
+    assert members[1][1] == pytest.approx(1.0) and members[0][1] == pytest.approx(0.0)   # lowest loss scores 1
+    assert members[2][1] == pytest.approx(0.5)
+    lower = fusion.bomf_objectives(0.7, 0.30, f1s, losses)  # a fused model below every member's loss
+    higher = fusion.bomf_objectives(0.7, 0.60, f1s, losses)
+    assert lower[1] > 1.0 > 0.0 > higher[1] and lower[1] == pytest.approx(2.0)  # sign: less loss is better
+    assert fusion.bomf_objectives(0.7, 0.4, [0.7, 0.7], [0.4, 0.4]) == [0.0, 0.0]  # flat members: no division
+
+
+def test_majority_metric_is_the_floor_of_always_predicting_the_frequent_class():
+    labels = torch.tensor([1] * 6 + [0] * 3 + [2])
+    assert fusion.majority_metric(labels, 3, macro_f1) == pytest.approx((2 * 6 / (6 + 10)) / 3)
 
 
 def test_finetune_collects_checkpoints_and_lowers_training_loss():

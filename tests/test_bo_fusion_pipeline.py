@@ -36,7 +36,9 @@ def test_bad_params_give_clear_errors():
     with pytest.raises(ValidationError, match="n_iterations"):
         FuseParams.model_validate({**_section("fuse"), "n_iterations": 0})
     with pytest.raises(ValidationError, match="window"):
-        FinetuneParams.model_validate({**_section("finetune"), "reference_step": 1000})
+        FinetuneParams.model_validate({**_section("finetune"), "window": [2.0, 0.5]})
+    with pytest.raises(ValidationError, match="patience"):
+        FinetuneParams.model_validate({**_section("finetune"), "patience": 0})
     with pytest.raises(ValidationError, match="transfer_seeds"):  # no defaults: every key is in params.yaml
         HpoParams.model_validate({k: v for k, v in _section("hpo").items() if k != "transfer_seeds"})
 
@@ -73,11 +75,10 @@ def test_dvc_repro_and_prefect_flow_at_smoke_scale(smoke_repo, tmp_path, prefect
     assert set(metrics["gates"]) == {"members_learn", "grid_learns"}
     assert all(g["passed"] for g in metrics["gates"].values())
     full = evidence["variants"]["full"]
-    swa = metrics["claims_detail"]["bomf_beats_swa"]
-    per_seed = full["per_seed_test_f1"]
-    diffs = [b - u for b, u in zip(per_seed["bomf"], per_seed["uniform_average"])]
-    assert swa["effect"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-6)
-    assert swa["margin"] == _section("evaluate")["margins"]["bomf_beats"]
+    _rederive_every_claim(metrics, evidence)
+    # stage 2: members from 0.5x to 2x each seed's early-stopping step
+    for best, steps in zip(full["best_step"], full["checkpoint_steps"]):
+        assert len(steps) >= 2 and all(0.5 * best <= s <= 2 * best for s in steps)
     t = full["table"]
     assert metrics["headline"]["test_macro_f1"]["full"]["bomf"] == pytest.approx(t["bomf"]["test_f1"]["mean"])
     assert set(evidence["variants"]) == {"full", "lora"}  # the LoRA variant runs through the same fusion code
@@ -92,6 +93,38 @@ def test_dvc_repro_and_prefect_flow_at_smoke_scale(smoke_repo, tmp_path, prefect
     fuse = runs[runs["tags.mlflow.runName"] == f"{PAPER}-fuse"].iloc[0]
     assert fuse["tags.gpu_stage"] == "true"
     assert "metrics.full_seed0_hypervolume" in runs.columns
+
+
+def _rederive_every_claim(metrics: dict, evidence: dict) -> None:
+    """Every claim's effect, CI and verdict recomputed from the per-seed numbers in evidence.json."""
+    from tasks.core.claims import per_seed
+
+    full, margins = evidence["variants"]["full"], _section("evaluate")["margins"]
+    test_f1 = full["per_seed_test_f1"]
+    others = {"bomf_beats_best_checkpoint": "best_checkpoint", "bomf_beats_swa": "uniform_average",
+              "bomf_beats_greedy_soup": "greedy_soup", "vs_metric_only_bo": "metric_only_bo",
+              "vs_loss_only_bo": "loss_only_bo"}
+    expected = {name: per_seed(name, [b - o for b, o in zip(test_f1["bomf"], test_f1[other])],
+                               margin=margins["bomf_beats"]) for name, other in others.items()}
+    expected["loss_metric_mismatch"] = per_seed("loss_metric_mismatch", full["checkpoint_spearman_loss_vs_f1"],
+                                                margin=margins["loss_metric_mismatch"])
+    tr = evidence["hpo_transfer"]
+    expected["hpo_transfers"] = per_seed("hpo_transfers", [c - g for c, g in zip(tr["val_f1_at_chosen"],
+                                                                                  tr["grid_best_val_f1"])],
+                                         margin=margins["hpo_transfers"])
+    parts = [expected.pop("vs_metric_only_bo"), expected.pop("vs_loss_only_bo")]
+    detail = metrics["claims_detail"]
+    for name, claim in expected.items():
+        assert detail[name]["effect"] == pytest.approx(claim.effect, abs=2e-6), name
+        assert detail[name]["ci"] == pytest.approx(list(claim.ci), abs=2e-6), name
+        assert metrics["claims"][name] == claim.verdict, name
+    assert metrics["claims"]["multi_objective_beats_single"] == all(c.verdict for c in parts)
+    weakest = min(parts, key=lambda c: c.ci[0])
+    assert detail["multi_objective_beats_single"]["effect"] == pytest.approx(weakest.effect, abs=1e-6)
+    gain = [f - m for f, m in zip(full["early_stop_val_f1"], full["majority_val_f1"])]
+    assert metrics["gates"]["members_learn"]["value"] == pytest.approx(min(gain), abs=1e-6)
+    assert metrics["gates"]["grid_learns"]["value"] == pytest.approx(min(tr["grid_best_val_f1"]) -
+                                                                     tr["majority_val_f1"], abs=1e-6)
 
 
 def _tiny_models(tmp_path):

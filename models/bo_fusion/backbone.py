@@ -161,9 +161,19 @@ class FrozenFeatureCache:
     def __init__(self) -> None:
         self._features: dict[tuple, Tensor] = {}
 
+    @staticmethod
+    def _key(hf: nn.Module, split: str, ids: Tensor, cut: int) -> tuple:
+        return (hf.config.name_or_path, len(encoder_layers(hf)), cut, split, tuple(ids.shape), int(ids.sum()))
+
+    def put(self, hf: nn.Module, split: str, ids: Tensor, cut: int, features: Tensor) -> None:
+        """Features computed elsewhere (e.g. once by the prepare stage) for this model, split and cut."""
+        if features.shape[:2] != ids.shape:
+            raise ValueError(f"features {tuple(features.shape)} do not match the token ids {tuple(ids.shape)}")
+        self._features[self._key(hf, split, ids, cut)] = features
+
     def features(self, hf: nn.Module, split: str, ids: Tensor, mask: Tensor, cut: int) -> Tensor:
         def key(n: int) -> tuple:
-            return (hf.config.name_or_path, len(encoder_layers(hf)), n, split, tuple(ids.shape), int(ids.sum()))
+            return self._key(hf, split, ids, n)
 
         if key(cut) not in self._features:
             device = next(hf.parameters()).device
@@ -176,11 +186,14 @@ class FrozenFeatureCache:
 def split_batches(trainable: Trainable, tensors: dict[str, Tensor], splits: tuple[str, ...],
                   cache: FrozenFeatureCache) -> dict[str, TextBatches]:
     """The splits (`tensors[f"{split}_ids" | "_mask" | "_labels"]`) as `TextBatches` on the model's device;
-    with cached frozen layers the inputs are the hidden states after them, from `cache`."""
+    with cached frozen layers the inputs are the hidden states after them, from `cache` (which takes
+    `tensors[f"{split}_features{cut}"]`, features after `cut` layers computed beforehand, when present)."""
     device = next(trainable.hf.parameters()).device
     out = {}
     for s in splits:
         ids, mask, y = tensors[f"{s}_ids"], tensors[f"{s}_mask"], tensors[f"{s}_labels"]
+        for key in [k for k in tensors if k.startswith(f"{s}_features")]:
+            cache.put(trainable.hf, s, ids, int(key.removeprefix(f"{s}_features")), tensors[key].to(device))
         x = cache.features(trainable.hf, s, ids, mask, trainable.n_cached) if trainable.n_cached else ids
         out[s] = TextBatches(x.to(device), mask.to(device), y.long().to(device))
     return out

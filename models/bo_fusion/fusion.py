@@ -119,6 +119,20 @@ def min_max_normalise(value: float, low: float, high: float) -> float:
     return (value - low) / span if span > 0 else value - low
 
 
+def bomf_objectives(f1: float, loss: float, member_f1: Sequence[float], member_loss: Sequence[float]) -> list[float]:
+    """BOMF's two objectives (Sec. 4.3), both maximised: the val metric and the NEGATIVE val loss, each
+    min-max normalised over the K members, so on each objective the members' best scores 1 and their
+    worst 0 (a fused model may leave [0, 1]); the reference point 0 is the members' worst corner."""
+    return [min_max_normalise(f1, min(member_f1), max(member_f1)),
+            min_max_normalise(-loss, -max(member_loss), -min(member_loss))]
+
+
+def majority_metric(labels: Tensor, num_classes: int, metric: ClassMetric) -> float:
+    """`metric` of the constant prediction of the most frequent class of `labels` (the floor to beat)."""
+    y = labels.cpu().numpy()
+    return metric(np.full_like(y, int(np.bincount(y, minlength=num_classes).argmax())), y, num_classes)
+
+
 def greedy_soup(val_metric_of: Callable[[Tensor], float], member_metrics: Sequence[float]) -> tuple[Tensor, float]:
     """Greedy soup (Wortsman et al., 2022): visit members by decreasing validation metric; add one to the
     uniform soup when the soup's metric does not drop. Returns the soup's simplex weights and its

@@ -46,8 +46,12 @@ def resolve_model_path(path: str) -> Path:
     return folder
 
 
-def read_prepared(ctx: StageContext) -> tuple[PreparedMeta, dict]:
-    """prepare's meta (validated) and its token tensors."""
-    src = ctx.input("prepare")
+def read_prepared(ctx: StageContext | Path) -> tuple[PreparedMeta, dict]:
+    """prepare's meta (validated) and its tensors: token ids, masks, labels and, when the frozen layers
+    are cached, their outputs (`<split>_features<cut>`); from a stage context or prepare's folder."""
+    src = ctx if isinstance(ctx, Path) else ctx.input("prepare")
     meta = PreparedMeta.model_validate(io.read_json(src / "meta.json"))
-    return meta, io.load_state(src / "tokens.safetensors")
+    tensors = io.load_state(src / "tokens.safetensors")
+    if (src / "features.safetensors").is_file():
+        tensors.update(io.load_state(src / "features.safetensors"))
+    return meta, tensors

@@ -24,6 +24,8 @@ class FuseParams(Params):
                                        "botorch's default)")
     maxiter: int = Field(gt=0)
     eval_batch_size: int = Field(gt=0)
+    workers: int = Field(gt=0, description="processes fusing (variant, seed) runs in parallel, one torch "
+                         "thread each (CPU: one per core; GPU: 1)")
 
 
 def _load_members(path: Path, k: int, device) -> list[dict]:
@@ -36,7 +38,8 @@ def _load_members(path: Path, k: int, device) -> list[dict]:
 
 
 class ValidationScores:
-    """(val macro-F1, val loss) of fused weights, each distinct weight vector evaluated once and timed."""
+    """(macro-F1, loss) of fused weights on one split (val, or test), each distinct weight vector evaluated
+    once and timed."""
 
     def __init__(self, fused, data, batch_size: int):
         self.fused, self.data, self.batch_size = fused, data, batch_size
@@ -62,7 +65,7 @@ def _pick(p: FuseParams, val_of: ValidationScores, k: int, seed: int):
 
     from models.bo_fusion.bo import (AcquisitionBudget, maximise_single_objective, maximise_two_objectives,
                                      sobol_points)
-    from models.bo_fusion.fusion import greedy_soup, min_max_normalise, simplex_weights
+    from models.bo_fusion.fusion import bomf_objectives, greedy_soup, simplex_weights
 
     budget = AcquisitionBudget(num_restarts=p.num_restarts, raw_samples=p.raw_samples, mc_samples=p.mc_samples,
                                maxiter=p.maxiter, fit_maxiter=p.gp_fit_maxiter)
@@ -70,12 +73,9 @@ def _pick(p: FuseParams, val_of: ValidationScores, k: int, seed: int):
     eye = torch.eye(k)
     member_val = [val_of(eye[i]) for i in range(k)]
     f1s, losses = [m[0] for m in member_val], [m[1] for m in member_val]
-    f_lo, f_hi, l_lo, l_hi = min(f1s), max(f1s), min(losses), max(losses)
 
     def objectives(alpha: torch.Tensor) -> list[float]:
-        f1, loss = val_of(simplex_weights(alpha))
-        # Sec. 4.3: both objectives min-max normalised over the members, larger is better
-        return [min_max_normalise(f1, f_lo, f_hi), min_max_normalise(-loss, -l_hi, -l_lo)]
+        return bomf_objectives(*val_of(simplex_weights(alpha)), f1s, losses)  # Sec. 4.3: [metric, -loss]
 
     bounds = torch.stack([torch.zeros(k), torch.ones(k)]).double()
     x0 = sobol_points(bounds, n_init, seed)
@@ -101,46 +101,54 @@ def _pick(p: FuseParams, val_of: ValidationScores, k: int, seed: int):
     return picks, (f1s, losses), mo, bo_time, single
 
 
-def _fuse_run(ctx: StageContext, p: FuseParams, meta, tensors: dict, ft: FinetuneResult, tag: str, cache) -> FuseRun:
-    from models.bo_fusion.backbone import build_trainable, split_batches
+def fuse_one(job: dict) -> dict:
+    """BOMF and the baselines on one (variant, seed) run's checkpoints; top-level so that worker
+    processes can run it."""
+    from models.bo_fusion.backbone import FrozenFeatureCache, build_trainable, split_batches
     from models.bo_fusion.bo import pareto_mask
-    from models.bo_fusion.fusion import FusedClassifier
+    from models.bo_fusion.fusion import FusedClassifier, majority_metric
 
-    run, spec, k = ft.runs[tag], meta.model, len(ft.checkpoint_steps)
+    p = FuseParams(**job["params"])
+    meta, tensors = read_prepared(Path(job["prepare"]))
+    ft, spec, tag = FinetuneResult.read(Path(job["finetune"]) / "finetune.json"), meta.model, job["tag"]
+    run = ft.runs[tag]
     model = build_trainable(resolve_model_path(spec.path), len(meta.labels), num_layers=spec.num_layers,
                             variant=run.variant, frozen_layers=spec.frozen_layers, cache_frozen=spec.cache_frozen,
-                            lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha, seed=run.seed, device=ctx.device)
-    data = split_batches(model, tensors, ("val", "test"), cache)
-    members = _load_members(ctx.input("finetune") / f"{tag}.safetensors", k, ctx.device)
+                            lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha, seed=run.seed, device=job["device"])
+    data = split_batches(model, tensors, ("val", "test"), FrozenFeatureCache())
+    members = _load_members(Path(job["finetune"]) / f"{tag}.safetensors", len(run.checkpoint_steps), job["device"])
     fused = FusedClassifier(model.module, members, macro_f1)
     val_of = ValidationScores(fused, data["val"], p.eval_batch_size)
-    picks, (f1s, losses), mo, bo_time, single = _pick(p, val_of, k, run.seed)
-    rows = {}
+    picks, (f1s, losses), mo, bo_time, single = _pick(p, val_of, len(members), run.seed)
+    rows, test_of = {}, ValidationScores(fused, data["test"], p.eval_batch_size)  # same weights: scored once
     for name, w in picks.items():
-        vf1, vloss = val_of(w)
-        tf1, tloss = fused.evaluate(w.float(), data["test"], p.eval_batch_size)
+        (vf1, vloss), (tf1, tloss) = val_of(w), test_of(w)
         rows[name] = MethodScores(val_f1=vf1, val_loss=vloss, test_f1=tf1, test_loss=tloss, weights=w.tolist())
-        ctx.log_metrics({f"{tag}_{name}_test_f1": tf1, f"{tag}_{name}_val_f1": vf1})
-    for i, hv in enumerate(mo.hypervolume):
-        ctx.log_metrics({f"{tag}_hypervolume": hv}, step=i)
     timing = FuseTiming(bomf_model_seconds=mo.model_seconds, bomf_eval_seconds=mo.eval_seconds,
                         bo_total_seconds=bo_time, single_objective=single,
                         val_eval_seconds_total=val_of.seconds, val_evaluations=len(val_of.scores))
-    return FuseRun(variant=run.variant, seed=run.seed, methods=rows,
-                   members_val=[MemberScores(step=s, f1=f, loss=l) for s, f, l in zip(ft.checkpoint_steps, f1s, losses)],
-                   landscape=val_of.landscape(), bomf_Y=mo.Y.tolist(), bomf_pareto=pareto_mask(mo.Y).tolist(),
-                   hypervolume=mo.hypervolume, timing=timing)
+    out = FuseRun(variant=run.variant, seed=run.seed, methods=rows, best_step=run.best_step,
+                  early_stop_val_f1=run.best_val_f1,
+                  majority_val_f1=majority_metric(data["val"].labels, len(meta.labels), macro_f1),
+                  members_val=[MemberScores(step=s, f1=f, loss=l) for s, f, l in zip(run.checkpoint_steps, f1s, losses)],
+                  landscape=val_of.landscape(), bomf_Y=mo.Y.tolist(), bomf_pareto=pareto_mask(mo.Y).tolist(),
+                  hypervolume=mo.hypervolume, timing=timing)
+    return {"tag": tag, "run": out.model_dump(mode="json")}
 
 
 @stage(params=FuseParams, inputs=("prepare", "finetune"), gpu=True)
 def fuse(ctx: StageContext, p: FuseParams) -> None:
     """BOMF (two-objective BO over simplex weights) and the baselines, per variant and seed."""
-    from models.bo_fusion.backbone import FrozenFeatureCache
-
-    meta, tensors = read_prepared(ctx)
     ft = FinetuneResult.read(ctx.input("finetune") / "finetune.json")
-    cache = FrozenFeatureCache()
-    out = FuseResult(checkpoint_steps=ft.checkpoint_steps, runs={})
-    for tag in ctx.progress(list(ft.runs), desc="fuse"):
-        out.runs[tag] = _fuse_run(ctx, p, meta, tensors, ft, tag, cache)
-    out.write(ctx.out_dir / "fuse.json")
+    jobs = [dict(tag=tag, prepare=str(ctx.input("prepare")), finetune=str(ctx.input("finetune")),
+                 device=str(ctx.device), params=p.model_dump(mode="json")) for tag in ft.runs]
+
+    def log(i: int, res: dict) -> None:
+        tag, run = res["tag"], FuseRun.model_validate(res["run"])
+        ctx.log_metrics({f"{tag}_{name}_{k}": getattr(m, k) for name, m in run.methods.items()
+                         for k in ("test_f1", "val_f1")})
+        for step, hv in enumerate(run.hypervolume):
+            ctx.log_metrics({f"{tag}_hypervolume": hv}, step=step)
+
+    runs = ctx.map(fuse_one, jobs, workers=p.workers, desc="fusion runs", on_result=log)
+    FuseResult(runs={r["tag"]: FuseRun.model_validate(r["run"]) for r in runs}).write(ctx.out_dir / "fuse.json")

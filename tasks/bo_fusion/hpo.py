@@ -3,6 +3,7 @@ transfer check (the full model at a small lr grid and at the chosen lr, per seed
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -37,6 +38,8 @@ class HpoParams(Params):
     maxiter: int = Field(gt=0, description="L-BFGS iterations of the acquisition optimisation")
     gp_fit_maxiter: int | None = Field(gt=0, description="L-BFGS iterations of each GP fit (null: "
                                        "botorch's default)")
+    workers: int = Field(gt=0, description="processes running the proxy searches (one per variant) and the "
+                         "transfer-check runs in parallel, one torch thread each (CPU: one per core; GPU: 1)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -52,14 +55,13 @@ class HpoParams(Params):
         return self
 
 
-def _build(ctx: StageContext, meta: PreparedMeta, variant: str, frozen_layers: int, rank: int,
-           p: HpoParams, seed: int):
+def _build(job: dict, meta: PreparedMeta, variant: str, frozen_layers: int, rank: int, p: HpoParams, seed: int):
     from models.bo_fusion.backbone import build_trainable
 
     spec = meta.model
     return build_trainable(resolve_model_path(spec.path), len(meta.labels), num_layers=spec.num_layers,
                            variant=variant, frozen_layers=frozen_layers, cache_frozen=spec.cache_frozen,
-                           lora_rank=rank, lora_alpha=p.lora_alpha, seed=seed, device=ctx.device)
+                           lora_rank=rank, lora_alpha=p.lora_alpha, seed=seed, device=job["device"])
 
 
 def _train(module, data, p: HpoParams, lr: float, batch_size: int, seed: int) -> float:
@@ -71,79 +73,78 @@ def _train(module, data, p: HpoParams, lr: float, batch_size: int, seed: int) ->
                             eval_every=p.eval_every).best_val_metric
 
 
-def _proxy_search(ctx: StageContext, p: HpoParams, meta: PreparedMeta, tensors: dict, variant: str,
-                  cache) -> HpoVariant:
-    """BO (SingleTaskGP + qLogEI, Sobol start) on the variant's proxy; objective = best val macro-F1."""
+def proxy_search_one(job: dict) -> dict:
+    """BO (SingleTaskGP + qLogEI, Sobol start) on one variant's proxy; objective = best val macro-F1.
+    Top-level so that worker processes can run it."""
     import torch
 
-    from models.bo_fusion.backbone import split_batches
+    from models.bo_fusion.backbone import FrozenFeatureCache, split_batches
     from models.bo_fusion.bo import AcquisitionBudget, maximise_single_objective
 
+    p, variant, seed = HpoParams(**job["params"]), job["variant"], job["seed"]
+    meta, tensors = read_prepared(Path(job["prepare"]))
     proxy_frozen = p.proxy_frozen_layers if variant == "full" else meta.model.frozen_layers
     rank = p.proxy_lora_rank if variant == "lora" else p.lora_rank
-    model = _build(ctx, meta, variant, proxy_frozen, rank, p, ctx.seed)
-    data = split_batches(model, tensors, ("train", "val"), cache)
+    model = _build(job, meta, variant, proxy_frozen, rank, p, seed)
+    data = split_batches(model, tensors, ("train", "val"), FrozenFeatureCache())
     init = {k: v.clone() for k, v in model.module.state_dict().items()}
     runs: list[ProxyRun] = []
 
     def objective(x: torch.Tensor) -> float:
         model.module.load_state_dict(init)
         lr, bs = 10 ** float(x[0]), int(x[1])
-        best = _train(model.module, data, p, lr, bs, ctx.seed)
-        runs.append(ProxyRun(lr=lr, batch_size=bs, best_val_f1=best))
-        ctx.log_metrics({f"{variant}_proxy_val_f1": best}, step=len(runs))
-        return best
+        runs.append(ProxyRun(lr=lr, batch_size=bs, best_val_f1=_train(model.module, data, p, lr, bs, seed)))
+        return runs[-1].best_val_f1
 
     budget = AcquisitionBudget(num_restarts=p.num_restarts, raw_samples=p.raw_samples, mc_samples=p.mc_samples,
                                maxiter=p.maxiter, fit_maxiter=p.gp_fit_maxiter)
     bounds = torch.tensor([p.log10_lr_bounds[variant], p.batch_size_bounds], dtype=torch.double).T.contiguous()
     t0 = time.perf_counter()
     trace = maximise_single_objective(objective, bounds, n_initial=p.n_initial, n_iterations=p.n_iterations,
-                                      seed=ctx.seed, budget=budget,
-                                      round_input=lambda x: torch.stack([x[0], x[1].round()]))
+                                      seed=seed, budget=budget, round_input=lambda x: torch.stack([x[0], x[1].round()]))
     best = int(trace.Y.argmax())
     chosen = Hyperparameters(lr=10 ** float(trace.X[best, 0]), batch_size=int(trace.X[best, 1]))
     return HpoVariant(chosen=chosen, runs=runs, proxy_frozen_layers=proxy_frozen, proxy_lora_rank=rank,
                       seconds=time.perf_counter() - t0, bo_model_seconds=trace.model_seconds,
-                      bo_eval_seconds=trace.eval_seconds, transfer=None)
+                      bo_eval_seconds=trace.eval_seconds, transfer=None).model_dump(mode="json")
 
 
-def _transfer_check(ctx: StageContext, p: HpoParams, meta: PreparedMeta, tensors: dict,
-                    chosen: Hyperparameters, cache) -> TransferCheck:
-    """The full model (not the proxy) at each grid lr and at the chosen lr, same steps, per seed."""
-    from models.bo_fusion.backbone import split_batches
+def transfer_run_one(job: dict) -> dict:
+    """The full model (not the proxy) trained like a proxy run at one (seed, lr); top-level for workers."""
+    from models.bo_fusion.backbone import FrozenFeatureCache, split_batches
 
-    grid, at_chosen = [], []
-    for seed in p.transfer_seeds:
-        model = _build(ctx, meta, "full", meta.model.frozen_layers, p.lora_rank, p, seed)
-        data = split_batches(model, tensors, ("train", "val"), cache)
-        init = {k: v.clone() for k, v in model.module.state_dict().items()}
-        for lr, runs in [*((lr, grid) for lr in p.grid_lrs), (chosen.lr, at_chosen)]:
-            model.module.load_state_dict(init)
-            runs.append(TransferRun(seed=seed, lr=lr, best_val_f1=_train(model.module, data, p, lr,
-                                                                          chosen.batch_size, seed)))
-        ctx.log_metrics({"transfer_val_f1_at_chosen": at_chosen[-1].best_val_f1}, step=seed)
-    return TransferCheck(seeds=list(p.transfer_seeds), grid=grid, at_chosen=at_chosen)
+    p = HpoParams(**job["params"])
+    meta, tensors = read_prepared(Path(job["prepare"]))
+    model = _build(job, meta, "full", meta.model.frozen_layers, p.lora_rank, p, job["seed"])
+    data = split_batches(model, tensors, ("train", "val"), FrozenFeatureCache())
+    return TransferRun(seed=job["seed"], lr=job["lr"], best_val_f1=_train(model.module, data, p, job["lr"],
+                                                                          job["batch_size"], job["seed"])).model_dump()
 
 
 @stage(params=HpoParams, inputs=("prepare",), gpu=True)
 def hpo(ctx: StageContext, p: HpoParams) -> None:
-    """Stage 1: BO of (log10 lr, batch size) on a lightweight proxy; objective = best val macro-F1."""
-    from models.bo_fusion.backbone import FrozenFeatureCache, load_classifier
+    """Stage 1: BO of (log10 lr, batch size) on a lightweight proxy; objective = best val macro-F1. Then
+    the transfer check: the full model at the lr grid and at the chosen lr, per transfer seed."""
+    from models.bo_fusion.fusion import majority_metric
 
     meta, tensors = read_prepared(ctx)
-    spec = meta.model
-    cache = FrozenFeatureCache()  # frozen-layer outputs shared by every model built here
-    if spec.cache_frozen and 0 < spec.frozen_layers < p.proxy_frozen_layers:
-        # the model's cut first, so the proxy's higher cut continues from it instead of starting over
-        hf = load_classifier(resolve_model_path(spec.path), len(meta.labels), spec.num_layers).to(ctx.device)
-        for s in ("train", "val"):
-            cache.features(hf, s, tensors[f"{s}_ids"], tensors[f"{s}_mask"], spec.frozen_layers)
-    result = HpoResult(variants={})
-    for variant in p.variants:
-        out = _proxy_search(ctx, p, meta, tensors, variant, cache)
-        if variant == "full" and p.grid_lrs:
-            out.transfer = _transfer_check(ctx, p, meta, tensors, out.chosen, cache)
-        result.variants[variant] = out
-        ctx.log_metrics({f"{variant}_chosen_lr": out.chosen.lr, f"{variant}_chosen_batch_size": out.chosen.batch_size})
+    base = dict(prepare=str(ctx.input("prepare")), device=str(ctx.device), params=p.model_dump(mode="json"))
+    found = ctx.map(proxy_search_one, [dict(base, variant=v, seed=ctx.seed) for v in p.variants],
+                    workers=p.workers, desc="proxy searches")
+    result = HpoResult(variants={v: HpoVariant.model_validate(r) for v, r in zip(p.variants, found)})
+    for v, out in result.variants.items():
+        for i, r in enumerate(out.runs, start=1):
+            ctx.log_metrics({f"{v}_proxy_val_f1": r.best_val_f1}, step=i)
+        ctx.log_metrics({f"{v}_chosen_lr": out.chosen.lr, f"{v}_chosen_batch_size": out.chosen.batch_size})
+    full = result.variants.get("full")
+    if full is not None and p.grid_lrs:
+        jobs = [dict(base, seed=s, lr=lr, batch_size=full.chosen.batch_size, chosen=i == len(p.grid_lrs))
+                for s in p.transfer_seeds for i, lr in enumerate([*p.grid_lrs, full.chosen.lr])]
+        runs = ctx.map(transfer_run_one, jobs, workers=p.workers, desc="transfer check")
+        full.transfer = TransferCheck(
+            seeds=list(p.transfer_seeds), grid=[TransferRun(**r) for r, j in zip(runs, jobs) if not j["chosen"]],
+            at_chosen=[TransferRun(**r) for r, j in zip(runs, jobs) if j["chosen"]],
+            majority_val_f1=majority_metric(tensors["val_labels"].long(), len(meta.labels), macro_f1))
+        for r in full.transfer.at_chosen:
+            ctx.log_metrics({"transfer_val_f1_at_chosen": r.best_val_f1}, step=r.seed)
     result.write(ctx.out_dir / "hpo.json")

@@ -49,6 +49,7 @@ class TransferCheck(Record):
     seeds: list[int]
     grid: list[TransferRun]
     at_chosen: list[TransferRun]
+    majority_val_f1: float   # val macro-F1 of always predicting the majority class
 
 
 class HpoVariant(Record):
@@ -73,12 +74,18 @@ class FinetuneRun(Record):
     lr: float
     batch_size: int
     seconds: float
-    val_curve: list[tuple[int, float, float]]  # (step, val macro-F1, val loss)
+    val_curve: list[tuple[int, float, float]]  # (step, val macro-F1, val loss) until early stopping
+    best_step: int            # the early-stopping step (best val macro-F1 on the evaluation grid)
+    best_val_f1: float        # the early-stopped model's val macro-F1
+    stop_step: int            # where the patience ran out
+    last_step: int            # the last step trained (the window's end, unless max_steps cut it)
+    window: list[float]       # [start, end] of the checkpoint window in steps
+    checkpoint_steps: list[int]   # the K members, in this order in tag.safetensors
+    truncated: bool           # max_steps ended training before the window's end
     trainable_params: int
 
 
 class FinetuneResult(Record):
-    checkpoint_steps: list[int]
     runs: dict[str, FinetuneRun]   # tag = f"{variant}_seed{seed}" -> tag.safetensors holds its K checkpoints
     lora_rank: int
     lora_alpha: float
@@ -118,7 +125,10 @@ class FuseRun(Record):
     variant: Variant
     seed: int
     methods: dict[str, MethodScores]
-    members_val: list[MemberScores]   # the K stage-2 checkpoints on val
+    best_step: int                    # stage 2's early-stopping step
+    early_stop_val_f1: float          # the early-stopped model's val macro-F1
+    majority_val_f1: float            # val macro-F1 of always predicting the majority class
+    members_val: list[MemberScores]   # the K stage-2 checkpoints on val (their steps)
     landscape: list[LandscapePoint]   # every point evaluated on val (members and fused)
     bomf_Y: list[list[float]]
     bomf_pareto: list[bool]
@@ -127,5 +137,4 @@ class FuseRun(Record):
 
 
 class FuseResult(Record):
-    checkpoint_steps: list[int]
     runs: dict[str, FuseRun]

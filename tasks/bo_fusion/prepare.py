@@ -97,6 +97,15 @@ def prepare(ctx: StageContext, p: PrepareParams) -> None:
     data, label_names = _texts_and_labels(p, ctx.seed)
     tensors, used = _tokenize(data, p.model)
     io.save_state(ctx.out_dir / "tokens.safetensors", tensors)
+    spec = p.model
+    if spec.cache_frozen and spec.frozen_layers > 0:  # the frozen lower layers, once for every later stage
+        from models.bo_fusion.backbone import frozen_features, load_classifier
+
+        hf = load_classifier(resolve_model_path(spec.path), len(label_names), spec.num_layers).to(ctx.device)
+        io.save_state(ctx.out_dir / "features.safetensors",
+                      {f"{s}_features{spec.frozen_layers}": frozen_features(
+                          hf, tensors[f"{s}_ids"].to(ctx.device), tensors[f"{s}_mask"].to(ctx.device),
+                          spec.frozen_layers).cpu().contiguous() for s in data})
     io.write_json(ctx.out_dir / "examples.json", {s: data[s][0][:20] for s in data})
     counts = {s: torch.bincount(tensors[f"{s}_labels"], minlength=len(label_names)).tolist() for s in data}
     meta = PreparedMeta(labels=label_names, counts=counts, seq_len=used, model=p.model)
