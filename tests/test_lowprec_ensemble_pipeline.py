@@ -52,7 +52,7 @@ def test_dvc_repro_writes_metrics_with_claims(reproduced):
         assert abs(table[f"{bma}_lpe"]["memory"]["mean"] - table[bma]["memory"]["mean"]) < 0.5
     assert evidence["gates"]["width_sweep"]["description"] == "widths trained in the sweep"
     assert len(evidence["width_slopes"]) == 2 and "table" in evidence
-    assert len(evidence["width_slopes_evidence_only"]["int3"]) == 2
+    assert len(evidence["width_evidence_only"]["int3"]["slopes"]) == 2
     for png in ("nll_vs_size.png", "nll_vs_memory.png", "lpe_gain_vs_width.png"):
         assert (results / "plots" / png).stat().st_size > 1000
     shown = dvc(reproduced, "metrics", "show", "--json").stdout

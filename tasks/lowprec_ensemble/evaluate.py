@@ -144,17 +144,22 @@ def width_slopes(rows: dict, widths: list[int], suffix: str = "") -> list[float]
     return [float(np.polyfit(np.log2(widths), g, 1)[0]) for g in gains]
 
 
-def headline(table: dict, meta: EnsembleMeta, M: int) -> dict:
+def headline(table: dict, meta: EnsembleMeta, M: int, low_bits: list[int]) -> dict:
+    """At most 30 numbers: NLL of every method, error at the low bits, the width sweep's gain."""
     val = lambda name, key="nll": table[name][key]["mean"]
     nll = {"fp32": val("fp32")} | {f"lpe_int{b}": val(f"lpe_b{b}_m{M}") for b in meta.bits} \
         | {f"rtn_int{b}": val(f"rtn_b{b}") for b in meta.bits} \
         | {name: val(name) for name, _ in BASELINES if name in table}
-    err = {"fp32": val("fp32", "err")} | {f"lpe_int{b}": val(f"lpe_b{b}_m{M}", "err") for b in meta.bits} \
-        | {f"rtn_int{b}": val(f"rtn_b{b}", "err") for b in meta.bits}
-    gain = {str(w): val(f"width{w}_fp32") - val(f"width{w}_lpe") for w in meta.widths}
-    more = {f"int{b}": {str(w): val(f"width{w}_fp32") - val(f"width{w}_lpe_b{b}") for w in meta.widths}
-            for b in meta.width_evidence_bits}
-    return {"nll": nll, "err": err, "lpe_gain_by_width": gain, "lpe_gain_by_width_other_bits": more}
+    low = [b for b in low_bits if b in meta.bits]
+    err = {"fp32": val("fp32", "err")} | {f"lpe_int{b}": val(f"lpe_b{b}_m{M}", "err") for b in low} \
+        | {f"rtn_int{b}": val(f"rtn_b{b}", "err") for b in low}
+    return {"nll": nll, "err": err, "lpe_gain_by_width": width_gains(table, meta.widths)}
+
+
+def width_gains(table: dict, widths: list[int], suffix: str = "") -> dict:
+    """Mean over seeds of NLL(FP32) - NLL(LPE-BSR) per width."""
+    return {str(w): table[f"width{w}_fp32"]["nll"]["mean"] - table[f"width{w}_lpe{suffix}"]["nll"]["mean"]
+            for w in widths}
 
 
 @stage(params=EvaluateParams, inputs=("ensemble",))
@@ -169,11 +174,12 @@ def evaluate(ctx: StageContext, p: EvaluateParams) -> None:
     claims, gates = decide(arrays, rows, meta, p)
     M = p.claim_size
     amb = {str(b): table[f"lpe_b{b}_m{M}"]["amb"]["mean"] for b in meta.bits}
-    ctx.write_metrics(claims, gates, headline=headline(table, meta, M), evidence={
+    ctx.write_metrics(claims, gates, headline=headline(table, meta, M, p.low_bits), evidence={
         "ensemble_size": M, "seeds": meta.seeds, "ambiguity_by_bits": amb,
         "width_slopes": width_slopes(rows, meta.widths),
-        "width_slopes_evidence_only": {f"int{b}": width_slopes(rows, meta.widths, f"_b{b}")
-                                       for b in meta.width_evidence_bits}, "table": table})
+        "width_evidence_only": {f"int{b}": {"slopes": width_slopes(rows, meta.widths, f"_b{b}"),
+                                            "gain_by_width": width_gains(table, meta.widths, f"_b{b}")}
+                                for b in meta.width_evidence_bits}, "table": table})
     ctx.log_metrics({f"effect_{c.name}": c.effect for c in claims})
     ctx.log_metrics({f"amb_b{b}": v for b, v in amb.items()})
     write_curves_and_figures(ctx, table, meta, M)
