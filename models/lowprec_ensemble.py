@@ -1,5 +1,5 @@
 """Ex Uno Pluria (Nam & Lee, NeurIPS 2024): low precision ensembling with Bernoulli stochastic
-rounding (LPE-BSR), plus the baselines it is compared with (RTN, SWAG-diagonal, snapshot ensembles).
+rounding (LPE-BSR), plus the baselines it is compared with (RTN, SWAG with a low-rank covariance, IVON, snapshot ensembles).
 
 All functions are pure torch: no files, no tracking.
 """
@@ -105,40 +105,98 @@ def ensemble_mean(member_probs: torch.Tensor) -> torch.Tensor:
     return member_probs.mean(dim=0)
 
 
-class SWAGDiagonal:
-    """SWAG with a diagonal covariance (Maddox et al. 2019): running first and second moments of the
-    weights along the SGD trajectory; samples theta ~ N(mean, diag(E[theta^2] - mean^2))."""
+def flat_params(model: nn.Module) -> torch.Tensor:
+    """All parameters of ``model`` as one vector (``named_parameters`` order)."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
-    def __init__(self, model: nn.Module):
-        self.names = [n for n, _ in model.named_parameters()]
-        self.mean = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-        self.sq_mean = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-        self.count = 0
+
+def unflatten(model: nn.Module, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A parameter vector back to ``{name: tensor}`` for ``functional_call`` (inverse of ``flat_params``)."""
+    out, i = {}, 0
+    for name, p in model.named_parameters():
+        out[name] = vec[i:i + p.numel()].view_as(p)
+        i += p.numel()
+    if i != vec.numel():
+        raise ValueError(f"vector of {vec.numel()} values for a model of {i} parameters")
+    return out
+
+
+class SWAG:
+    """SWAG (Maddox et al. 2019): Gaussian N(mean, 1/2 (Sigma_diag + D D^T / (K - 1))) from the SGD
+    iterates collected once per epoch at a constant learning rate. Sigma_diag = E[theta^2] - mean^2;
+    D holds the last K deviations theta_i - mean_i (mean_i: the running mean after iterate i)."""
+
+    def __init__(self, rank: int):
+        if rank < 2:
+            raise ValueError(f"SWAG's rank K must be >= 2, got {rank}")
+        self.rank, self.count = rank, 0
+        self.mean: torch.Tensor | None = None
+        self.sq_mean: torch.Tensor | None = None
+        self.devs: list[torch.Tensor] = []
 
     @torch.no_grad()
     def collect(self, model: nn.Module) -> None:
+        w = flat_params(model)
         self.count += 1
-        for n, p in model.named_parameters():
-            self.mean[n] += (p.detach() - self.mean[n]) / self.count
-            self.sq_mean[n] += (p.detach() ** 2 - self.sq_mean[n]) / self.count
+        if self.mean is None:
+            self.mean, self.sq_mean = torch.zeros_like(w), torch.zeros_like(w)
+        self.mean += (w - self.mean) / self.count
+        self.sq_mean += (w ** 2 - self.sq_mean) / self.count
+        self.devs = (self.devs + [w - self.mean])[-self.rank:]
 
     def state(self) -> dict[str, torch.Tensor]:
-        out = {f"mean.{n}": t for n, t in self.mean.items()}
-        out.update({f"sq_mean.{n}": t for n, t in self.sq_mean.items()})
-        return out
+        if len(self.devs) < 2:
+            raise ValueError(f"SWAG needs >= 2 collected iterates for its low-rank part, got {len(self.devs)}")
+        return {"mean": self.mean.clone(), "sq_mean": self.sq_mean.clone(), "dev": torch.stack(self.devs)}
 
     @staticmethod
-    def sample(state: dict[str, torch.Tensor], generator: torch.Generator,
-               scale: float = 1.0) -> dict[str, torch.Tensor]:
-        out = {}
-        for key, mean in state.items():
-            if not key.startswith("mean."):
-                continue
-            name = key[len("mean."):]
-            var = (state[f"sq_mean.{name}"] - mean ** 2).clamp_min(1e-30)
-            z = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-            out[name] = mean + scale * var.sqrt() * z
-        return out
+    def sample(state: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """theta = mean + Sigma_diag^(1/2) z1 / sqrt(2) + D z2 / sqrt(2 (K - 1)) (Maddox et al., Eq. 1)."""
+        mean, dev = state["mean"], state["dev"]
+        var = (state["sq_mean"] - mean ** 2).clamp_min(0.0)
+        z1 = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        z2 = torch.randn(dev.shape[0], generator=generator, dtype=mean.dtype, device=mean.device)
+        return mean + var.sqrt() * z1 / math.sqrt(2) + (dev.T @ z2) / math.sqrt(2 * (dev.shape[0] - 1))
+
+
+def fit_ivon(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, batch_size: int,
+             hess_init: float, weight_decay: float, beta2: float, generator: torch.Generator,
+             on_epoch: Callable[[int, float], None] | None = None) -> dict[str, torch.Tensor]:
+    """IVON (Shen et al. 2024, the ``ivon-opt`` optimizer): variational learning of a diagonal Gaussian
+    posterior with one MC sample per step, effective sample size = the training set size, cosine lr.
+    Leaves the posterior mean in ``model``; returns ``{"mean", "sigma"}`` with sigma = 1/sqrt(ess (h + delta))."""
+    import ivon
+
+    n = len(y)
+    opt = ivon.IVON(model.parameters(), lr=lr, ess=float(n), hess_init=hess_init, weight_decay=weight_decay,
+                    beta2=beta2)
+    total = epochs * ((n + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    for epoch in range(epochs):
+        model.train()
+        perm, running = torch.randperm(n, generator=generator), 0.0
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            with opt.sampled_params(train=True):
+                opt.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                loss.backward()
+            opt.step()
+            sched.step()
+            running += loss.item() * len(idx)
+        if on_epoch is not None:
+            on_epoch(epoch, running / n)
+    model.eval()
+    group = opt.param_groups[0]
+    sigma = 1.0 / (group["ess"] * (group["hess"] + group["weight_decay"])).sqrt()
+    return {"mean": flat_params(model), "sigma": sigma.detach().clone()}
+
+
+def sample_diagonal(state: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    """theta ~ N(mean, diag(sigma^2)): a sample of IVON's posterior."""
+    mean = state["mean"]
+    return mean + state["sigma"] * torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+                                               device=mean.device)
 
 
 def cyclic_cosine_lr(step: int, steps_per_cycle: int, lr_max: float, lr_min: float = 0.0) -> float:

@@ -87,19 +87,50 @@ def test_memory_counts_quantized_and_full_precision_parts():
     assert L.memory_bits(model, 1, None) == 32 * 67
 
 
-def test_swag_diagonal_moments_and_samples():
+def test_swag_low_rank_moments_deviations_and_sample_covariance():
+    """SWAG keeps the last K deviations from the running mean and samples
+    N(mean, 1/2 (diag + D D^T / (K - 1))) (Maddox et al. 2019, Eq. 1)."""
     model = nn.Linear(2, 1, bias=False)
-    swag = L.SWAGDiagonal(model)
-    for v in (1.0, 3.0):
+    swag = L.SWAG(rank=2)
+    for w in ((1.0, 0.0), (3.0, 2.0), (5.0, 1.0)):
         with torch.no_grad():
-            model.weight.fill_(v)
+            model.weight.copy_(torch.tensor([w]))
         swag.collect(model)
     state = swag.state()
-    assert torch.allclose(state["mean.weight"], torch.full((1, 2), 2.0))
-    assert torch.allclose(state["sq_mean.weight"], torch.full((1, 2), 5.0))
+    iters = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 1.0]])
+    assert torch.allclose(state["mean"], iters.mean(0))
+    assert torch.allclose(state["sq_mean"], (iters ** 2).mean(0))
+    # deviations of the last K = 2 iterates from the running mean after each of them
+    assert torch.allclose(state["dev"], torch.stack([iters[1] - iters[:2].mean(0), iters[2] - iters.mean(0)]))
+    diag = torch.diag(iters.var(0, unbiased=False))
+    expected = 0.5 * (diag + state["dev"].T @ state["dev"] / (2 - 1))
     gen = torch.Generator().manual_seed(0)
-    samples = torch.stack([L.SWAGDiagonal.sample(state, gen)["weight"] for _ in range(3000)])
-    assert abs(samples.mean().item() - 2.0) < 0.1 and abs(samples.std().item() - 1.0) < 0.1
+    samples = torch.stack([L.SWAG.sample(state, gen) for _ in range(20000)])
+    assert torch.allclose(samples.mean(0), state["mean"], atol=0.05)
+    assert torch.allclose(torch.cov(samples.T), expected, atol=0.1 * expected.abs().max().item())
+    assert torch.cov(samples.T)[0, 1].abs() > 0.2  # the low-rank part correlates the weights
+    params = L.unflatten(model, samples[0])
+    assert params["weight"].shape == (1, 2) and torch.equal(L.flat_params(model), iters[2])
+    with pytest.raises(ValueError):
+        L.SWAG(rank=1)
+
+
+def test_ivon_learns_and_returns_its_posterior_scale():
+    """IVON (ivon-opt) lowers the training loss of a separable toy problem; its posterior sigma is
+    1 / sqrt(ess (h + delta)) > 0 and its samples scatter around the mean with that scale."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    model = MLP(4, [16], 2)
+    loss0 = nn.functional.cross_entropy(model(x), y).item()
+    state = L.fit_ivon(model, x, y, epochs=30, lr=0.1, batch_size=32, hess_init=0.5, weight_decay=1e-3,
+                       beta2=0.99999, generator=torch.Generator().manual_seed(0))
+    assert nn.functional.cross_entropy(model(x), y).item() < 0.5 * loss0
+    assert torch.equal(state["mean"], L.flat_params(model))
+    assert (state["sigma"] > 0).all() and (state["sigma"] <= 1 / (256 * 1e-3) ** 0.5 + 1e-6).all()
+    gen = torch.Generator().manual_seed(1)
+    draws = torch.stack([L.sample_diagonal(state, gen) for _ in range(4000)])
+    assert torch.allclose(draws.std(0) / state["sigma"], torch.ones_like(state["sigma"]), atol=0.1)
 
 
 def test_cyclic_cosine_restarts():

@@ -20,7 +20,8 @@ def reproduced(smoke_repo):
 
 
 CLAIMS = {"ambiguity_grows_as_bits_drop", "lpe_error_le_rtn_low_bits", "lpe_nll_below_rtn",
-          "lpe_adds_to_snapshots", "lpe_gain_grows_with_width"}
+          "lpe_adds_to_snapshots", "lpe_gain_grows_with_width", "lpe_adds_to_swag", "lpe_adds_to_ivon",
+          "lpe_comparable_to_bma"}
 
 
 def test_dvc_repro_writes_metrics_with_claims(reproduced):
@@ -34,7 +35,8 @@ def test_dvc_repro_writes_metrics_with_claims(reproduced):
     for name, verdict in metrics["claims"].items():
         assert rederive(metrics["claims_detail"][name]) == verdict, name
     gates = metrics["gates"]
-    assert set(gates) == {"fp32_accuracy", "width_sweep"}
+    assert set(gates) == {"fp32_accuracy", "width_sweep", "swag_diversity", "ivon_diversity"}
+    assert set(metrics["claims_detail"]["lpe_comparable_to_bma"]) >= {"effect", "ci", "margin"}
     assert gates["width_sweep"] == {"value": 3.0, "threshold": 3.0, "direction": ">=", "passed": True}
     if not gates["fp32_accuracy"]["passed"]:  # a gate that fails makes every claim it guards untestable
         assert all(v is None for v in metrics["claims"].values())
@@ -43,8 +45,14 @@ def test_dvc_repro_writes_metrics_with_claims(reproduced):
     assert set(metrics["headline"]["lpe_gain_by_width"]) == {"8", "16", "32"}
     evidence = json.loads((results / "evidence.json").read_text())
     assert set(evidence["claims"]["lpe_nll_below_rtn"]["parts"]) == {"int3", "int4"}
+    assert set(evidence["claims"]["lpe_comparable_to_bma"]["parts"]) == {"swag", "ivon"}
+    table = evidence["table"]  # equal memory: 8 INT-4 members per FP32 posterior sample
+    for bma in ("swag", "ivon"):
+        assert table[f"{bma}_lpe"]["members"]["mean"] == 8 * table[bma]["members"]["mean"] == 16
+        assert abs(table[f"{bma}_lpe"]["memory"]["mean"] - table[bma]["memory"]["mean"]) < 0.5
     assert evidence["gates"]["width_sweep"]["description"] == "widths trained in the sweep"
     assert len(evidence["width_slopes"]) == 2 and "table" in evidence
+    assert len(evidence["width_evidence_only"]["int3"]["slopes"]) == 2
     for png in ("nll_vs_size.png", "nll_vs_memory.png", "lpe_gain_vs_width.png"):
         assert (results / "plots" / png).stat().st_size > 1000
     shown = dvc(reproduced, "metrics", "show", "--json").stdout
@@ -74,8 +82,21 @@ def test_claims_on_hand_made_predictions():
     for b, amb in ((3, [0.3, 0.31]), (4, [0.1, 0.12])):
         rows[f"lpe_b{b}_m10"] = [{"amb": v} for v in amb]
     meta = EnsembleMeta(seeds=[0, 1], bits=[3, 4], sizes=[10], quantized_params=1, fp_params=1,
-                        snapshot_lpe_bits=4, snapshot_lpe_members=1, widths=[], width_bits=4)
-    claims = {c.name: c for c in decide(arrays, rows, meta, p)[0]}
+                        snapshot_lpe_bits=4, snapshot_lpe_members=1, bma_lpe_bits=4, widths=[], width_bits=4,
+                        width_evidence_bits=[])
+    for a in arrays.values():  # SWAG: LPE on top helps; IVON: a point mass (all samples equal)
+        a["swag"] = np.stack([onehot(rng.uniform(0.5, 0.6, (n, 1))) for _ in range(2)])
+        a["swag_lpe"] = np.stack([onehot(rng.uniform(0.8, 0.9, (n, 1))) for _ in range(16)])
+        a["ivon"], a["ivon_lpe"] = np.stack([onehot(0.95)] * 2), np.stack([onehot(0.95)] * 16)
+    rows["swag"], rows["ivon"] = [{"amb": 0.01}] * 2, [{"amb": 0.0}] * 2
+    claims, gates = decide(arrays, rows, meta, p)
+    claims = {c.name: c for c in claims}
+    assert claims["lpe_adds_to_swag"].verdict is True and claims["lpe_adds_to_swag"].effect < 0
+    assert [g.passed for g in gates if g.name.endswith("diversity")] == [True, False]
+    assert claims["lpe_adds_to_ivon"].verdict is None and "ivon_diversity" in claims["lpe_adds_to_ivon"].reason
+    # LPE INT-4 (confidence 0.7-0.9) is far better than SWAG (0.5-0.6): comparable holds for SWAG
+    assert claims["lpe_comparable_to_bma"].parts["swag"].verdict is True
+    assert claims["lpe_comparable_to_bma"].verdict is None  # its IVON part is gated
     assert claims["lpe_nll_below_rtn"].verdict is True and claims["lpe_nll_below_rtn"].effect < 0
     assert claims["ambiguity_grows_as_bits_drop"].verdict is True
     assert claims["lpe_error_le_rtn_low_bits"].verdict is False  # argmax is right for both: no difference

@@ -23,6 +23,7 @@ class TrainMeta(BaseModel):
     deep_ensemble_size: int
     snapshots: int
     swag: bool
+    ivon: bool
     widths: list[int]
 
     @classmethod
@@ -79,8 +80,10 @@ class EnsembleMeta(BaseModel):
     fp_params: int
     snapshot_lpe_bits: int
     snapshot_lpe_members: int
+    bma_lpe_bits: int
     widths: list[int]
     width_bits: int
+    width_evidence_bits: list[int]
 
     @classmethod
     def read(cls, folder: Path) -> "EnsembleMeta":

@@ -1,5 +1,5 @@
-"""ensemble: member predictions on the test split: FP32, RTN, LPE-BSR members, the baselines, and the
-width sweep's FP32 and LPE-BSR predictions."""
+"""ensemble: member predictions on the test split: FP32, RTN, LPE-BSR members, the baselines (SWAG and
+IVON BMA with and without LPE-BSR on top), and the width sweep's FP32 and LPE-BSR predictions."""
 from __future__ import annotations
 
 from pydantic import Field, field_validator
@@ -14,16 +14,27 @@ class EnsembleParams(Params):
     sizes: list[int] = Field(min_length=1, description="ensemble sizes M reported (max M is drawn)")
     snapshot_lpe_bits: int = Field(description="bits of the LPE-BSR members drawn around each snapshot")
     snapshot_lpe_members: int = Field(gt=0, description="LPE-BSR members per snapshot")
-    swag_samples: int = Field(ge=0, description="SWAG-diagonal posterior samples")
+    bma_samples: int = Field(ge=0, description="posterior samples of the SWAG and IVON BMA baselines")
+    bma_lpe_bits: int = Field(description="bits of the LPE-BSR members drawn around each posterior sample; "
+                                          "32 / bits members per sample keep the memory of one FP32 sample")
     width_bits: int = Field(description="bits of the LPE-BSR members of the width sweep's models")
+    width_evidence_bits: list[int] = Field(description="more grids for the width sweep, reported as evidence "
+                                                       "only (no claim)")
     batch_size: int = Field(gt=0, description="evaluation batch size")
 
-    @field_validator("bits", "snapshot_lpe_bits", "width_bits")
+    @field_validator("bits", "snapshot_lpe_bits", "width_bits", "width_evidence_bits")
     @classmethod
     def _bits(cls, v):
         bad = [b for b in (v if isinstance(v, list) else [v]) if not 2 <= b <= 32]
         if bad:
             raise ValueError(f"bits must be between 2 and 32, got {bad}")
+        return v
+
+    @field_validator("bma_lpe_bits")
+    @classmethod
+    def _divides(cls, v):
+        if 32 % v:
+            raise ValueError(f"bma_lpe_bits must divide 32 (equal memory: 32 / bits members), got {v}")
         return v
 
     @field_validator("sizes")
@@ -38,8 +49,7 @@ def _seed_predictions(ctx: StageContext, p: EnsembleParams, meta: TrainMeta, bat
     """Every method's test probabilities for one seed (members stacked on the first axis)."""
     import torch
 
-    from models.lowprec_ensemble import (SWAGDiagonal, lpe_bsr_members, predict_probs,
-                                         quantized_params)
+    from models.lowprec_ensemble import lpe_bsr_members, predict_probs, quantized_params
 
     train_dir = ctx.input("train")
     gen = torch.Generator(device=ctx.device).manual_seed(seed)
@@ -60,15 +70,37 @@ def _seed_predictions(ctx: StageContext, p: EnsembleParams, meta: TrainMeta, bat
             snap_probs.append(predict_probs(snap, batches))
             snap_lpe += list(lpe_bsr_members(snap, batches, p.snapshot_lpe_bits, p.snapshot_lpe_members, gen))
         out["sse"], out["sse_lpe"] = torch.stack(snap_probs), torch.stack(snap_lpe)
-    if meta.swag and p.swag_samples:
-        state = io.load_state(train_dir / f"seed{seed}" / "swag.safetensors")
-        out["swag"] = torch.stack([predict_probs(model, batches, SWAGDiagonal.sample(state, gen))
-                                   for _ in range(p.swag_samples)])
+    for name, on in (("swag", meta.swag), ("ivon", meta.ivon)):
+        if on and p.bma_samples:
+            state = io.load_state(train_dir / f"seed{seed}" / f"{name}.safetensors")
+            out[name], out[f"{name}_lpe"] = _bma(name, state, model, batches, p, gen)
     for width in meta.widths:
         wide = load(f"width{width}", width)[0]
         out[f"width{width}_fp32"] = predict_probs(wide, batches)
         out[f"width{width}_lpe"] = torch.stack(list(lpe_bsr_members(wide, batches, p.width_bits, m_max, gen)))
+        for b in p.width_evidence_bits:
+            out[f"width{width}_lpe_b{b}"] = torch.stack(list(lpe_bsr_members(wide, batches, b, m_max, gen)))
     return out, model
+
+
+def _bma(name: str, state: dict, model, batches, p: EnsembleParams, gen):
+    """BMA over posterior samples (FP32), and the same samples with LPE-BSR on top at equal memory:
+    each sample is replaced by 32 / b stochastic roundings of it to INT-b."""
+    import copy
+
+    import torch
+    from torch.nn.utils import vector_to_parameters
+
+    from models.lowprec_ensemble import SWAG, lpe_bsr_members, predict_probs, sample_diagonal
+
+    draw = SWAG.sample if name == "swag" else sample_diagonal
+    member = copy.deepcopy(model)
+    fp, low = [], []
+    for _ in range(p.bma_samples):
+        vector_to_parameters(draw(state, gen), member.parameters())
+        fp.append(predict_probs(member, batches))
+        low += list(lpe_bsr_members(member, batches, p.bma_lpe_bits, 32 // p.bma_lpe_bits, gen))
+    return torch.stack(fp), torch.stack(low)
 
 
 @stage(params=EnsembleParams, inputs=("prepare", "train"), gpu=True)
@@ -96,6 +128,7 @@ def ensemble(ctx: StageContext, p: EnsembleParams) -> None:
                        **{k: (v.cpu().numpy() if hasattr(v, "numpy") else v) for k, v in out.items()})
     out_meta = EnsembleMeta(seeds=meta.seeds, bits=p.bits, sizes=p.sizes, quantized_params=counts[0],
                             fp_params=counts[1], snapshot_lpe_bits=p.snapshot_lpe_bits,
-                            snapshot_lpe_members=p.snapshot_lpe_members, widths=meta.widths,
-                            width_bits=p.width_bits)
+                            snapshot_lpe_members=p.snapshot_lpe_members, bma_lpe_bits=p.bma_lpe_bits,
+                            widths=meta.widths,
+                            width_bits=p.width_bits, width_evidence_bits=p.width_evidence_bits)
     io.write_json(ctx.out_dir / "meta.json", out_meta.model_dump())

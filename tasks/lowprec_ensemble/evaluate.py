@@ -11,7 +11,9 @@ from tasks.core.errors import ParamsError
 
 from .common import EnsembleMeta, example_nll
 
-BASELINES = (("deep_ensemble", "deep"), ("snapshot", "sse"), ("snapshot_lpe", "sse_lpe"), ("swag_diag", "swag"))
+BASELINES = (("deep_ensemble", "deep"), ("snapshot", "sse"), ("snapshot_lpe", "sse_lpe"), ("swag", "swag"),
+             ("swag_lpe", "swag_lpe"), ("ivon", "ivon"), ("ivon_lpe", "ivon_lpe"))
+BMA = ("swag", "ivon")
 
 
 class Margins(Params):
@@ -20,6 +22,8 @@ class Margins(Params):
     lpe_nll_below_rtn: float = Field(description="paired test-NLL difference LPE - RTN must lie below")
     lpe_adds_to_snapshots: float = Field(description="paired NLL difference snapshot+LPE - snapshot below")
     gain_grows_with_width: float = Field(description="slope of the LPE NLL gain per doubling of width above")
+    lpe_adds_to_bma: float = Field(description="paired NLL difference BMA+LPE - BMA (equal memory) below")
+    lpe_comparable_to_bma: float = Field(description="paired NLL difference LPE-BSR - BMA (same size) below")
 
 
 class EvaluateParams(Params):
@@ -28,6 +32,7 @@ class EvaluateParams(Params):
     low_bits: list[int] = Field(min_length=1, description="bits where LPE-BSR is claimed to beat RTN")
     min_fp32_accuracy: float = Field(ge=0, le=1, description="gate: the FP32 model's test accuracy")
     min_widths: int = Field(ge=2, description="gate: widths needed to decide the width claim")
+    min_bma_ambiguity: float = Field(ge=0, description="gate: a SWAG / IVON BMA at least this diverse")
     bootstrap: int = Field(ge=100, description="bootstrap resamples of the per-example claims")
     margins: Margins
 
@@ -60,12 +65,14 @@ def summarise(src, meta: EnsembleMeta, p: EvaluateParams):
                                        "member_nll": float(np.mean([nll(q, y) for q in sub]))})
         for name, key in BASELINES:
             if key in a:
-                b = meta.snapshot_lpe_bits if key == "sse_lpe" else None
+                b = {"sse_lpe": meta.snapshot_lpe_bits, "swag_lpe": meta.bma_lpe_bits,
+                     "ivon_lpe": meta.bma_lpe_bits}.get(key)
                 add(name, {**_metrics(a[key].mean(0), y, p.ece_bins), "memory": mem(len(a[key]), b),
                            "amb": ambiguity(a[key], y), "members": len(a[key])})
         for w in meta.widths:
             add(f"width{w}_fp32", _metrics(a[f"width{w}_fp32"], y, p.ece_bins))
-            add(f"width{w}_lpe", _metrics(a[f"width{w}_lpe"][:p.claim_size].mean(0), y, p.ece_bins))
+            for key in [f"width{w}_lpe"] + [f"width{w}_lpe_b{b}" for b in meta.width_evidence_bits]:
+                add(key, _metrics(a[key][:p.claim_size].mean(0), y, p.ece_bins))
     table = {name: {k: mean_std([r[k] for r in rs]) for k in rs[0]} for name, rs in rows.items()}
     return arrays, rows, table
 
@@ -77,6 +84,7 @@ def decide(arrays: dict, rows: dict, meta: EnsembleMeta, p: EvaluateParams):
     base = gate("fp32_accuracy", fp32_acc, p.min_fp32_accuracy, ">=", "the FP32 model must have learned the task")
     widths = gate("width_sweep", len(meta.widths), p.min_widths, ">=", "widths trained in the sweep")
     ens = lambda a, b: a[f"lpe_b{b}"][:M].mean(0)
+    nll_of = lambda a, key: example_nll(a[key].mean(0), a["labels"])
     err = lambda probs, y: (probs.argmax(-1) != y).astype(float)
     low = [b for b in p.low_bits if b in meta.bits]
     order = [b for b in sorted(meta.bits) if b <= 6]
@@ -102,31 +110,56 @@ def decide(arrays: dict, rows: dict, meta: EnsembleMeta, p: EvaluateParams):
                                       - example_nll(a["sse"].mean(0), a["labels"]) for a in arrays.values()],
             margin=mg.lpe_adds_to_snapshots, direction="<", gates=[base], n_boot=p.bootstrap,
             statement="LPE-BSR members around each snapshot lower the snapshot ensemble's NLL"))
+    bma_gates = []
+    for name in BMA:
+        if name in rows:
+            bma_gates.append(gate(f"{name}_diversity", float(np.mean([r["amb"] for r in rows[name]])),
+                                  p.min_bma_ambiguity, ">=", f"{name} BMA ambiguity: not a point mass (SWA)"))
+            claims.append(per_example(
+                f"lpe_adds_to_{name}", [nll_of(a, f"{name}_lpe") - nll_of(a, name) for a in arrays.values()],
+                margin=mg.lpe_adds_to_bma, direction="<", gates=[base, bma_gates[-1]], n_boot=p.bootstrap,
+                statement=f"LPE-BSR on top of {name} BMA (32/b INT-b members per sample) lowers its NLL at "
+                          f"equal memory"))
+    b = meta.bma_lpe_bits
+    if bma_gates and b in meta.bits:
+        names = [n for n in BMA if n in rows]
+        claims.append(all_of("lpe_comparable_to_bma", {n: per_example(
+            n, [example_nll(ens(a, b), a["labels"]) - nll_of(a, n) for a in arrays.values()],
+            margin=mg.lpe_comparable_to_bma, direction="<", gates=[base, g], n_boot=p.bootstrap)
+            for n, g in zip(names, bma_gates)}, f"LPE-BSR INT-{b} around the SGD solution (M={M}) is within the margin of "
+                                 f"SWAG / IVON BMA's NLL"))
     claims.append(per_seed("lpe_gain_grows_with_width", width_slopes(rows, meta.widths),
                            margin=mg.gain_grows_with_width, gates=[base, widths],
                            statement="the NLL gain of LPE-BSR over FP32 grows with model width (slope per doubling)"))
-    return claims, [base, widths]
+    return claims, [base, widths, *bma_gates]
 
 
-def width_slopes(rows: dict, widths: list[int]) -> list[float]:
+def width_slopes(rows: dict, widths: list[int], suffix: str = "") -> list[float]:
     """Per seed: least-squares slope of NLL(FP32) - NLL(LPE-BSR) against log2(width)."""
     if len(widths) < 2:
         return []
     n = len(rows[f"width{widths[0]}_fp32"])
-    gains = np.array([[rows[f"width{w}_fp32"][i]["nll"] - rows[f"width{w}_lpe"][i]["nll"] for w in widths]
+    gains = np.array([[rows[f"width{w}_fp32"][i]["nll"] - rows[f"width{w}_lpe{suffix}"][i]["nll"] for w in widths]
                       for i in range(n)])
     return [float(np.polyfit(np.log2(widths), g, 1)[0]) for g in gains]
 
 
-def headline(table: dict, meta: EnsembleMeta, M: int) -> dict:
+def headline(table: dict, meta: EnsembleMeta, M: int, low_bits: list[int]) -> dict:
+    """At most 30 numbers: NLL of every method, error at the low bits, the width sweep's gain."""
     val = lambda name, key="nll": table[name][key]["mean"]
     nll = {"fp32": val("fp32")} | {f"lpe_int{b}": val(f"lpe_b{b}_m{M}") for b in meta.bits} \
         | {f"rtn_int{b}": val(f"rtn_b{b}") for b in meta.bits} \
         | {name: val(name) for name, _ in BASELINES if name in table}
-    err = {"fp32": val("fp32", "err")} | {f"lpe_int{b}": val(f"lpe_b{b}_m{M}", "err") for b in meta.bits} \
-        | {f"rtn_int{b}": val(f"rtn_b{b}", "err") for b in meta.bits}
-    gain = {str(w): val(f"width{w}_fp32") - val(f"width{w}_lpe") for w in meta.widths}
-    return {"nll": nll, "err": err, "lpe_gain_by_width": gain}
+    low = [b for b in low_bits if b in meta.bits]
+    err = {"fp32": val("fp32", "err")} | {f"lpe_int{b}": val(f"lpe_b{b}_m{M}", "err") for b in low} \
+        | {f"rtn_int{b}": val(f"rtn_b{b}", "err") for b in low}
+    return {"nll": nll, "err": err, "lpe_gain_by_width": width_gains(table, meta.widths)}
+
+
+def width_gains(table: dict, widths: list[int], suffix: str = "") -> dict:
+    """Mean over seeds of NLL(FP32) - NLL(LPE-BSR) per width."""
+    return {str(w): table[f"width{w}_fp32"]["nll"]["mean"] - table[f"width{w}_lpe{suffix}"]["nll"]["mean"]
+            for w in widths}
 
 
 @stage(params=EvaluateParams, inputs=("ensemble",))
@@ -141,9 +174,12 @@ def evaluate(ctx: StageContext, p: EvaluateParams) -> None:
     claims, gates = decide(arrays, rows, meta, p)
     M = p.claim_size
     amb = {str(b): table[f"lpe_b{b}_m{M}"]["amb"]["mean"] for b in meta.bits}
-    ctx.write_metrics(claims, gates, headline=headline(table, meta, M), evidence={
+    ctx.write_metrics(claims, gates, headline=headline(table, meta, M, p.low_bits), evidence={
         "ensemble_size": M, "seeds": meta.seeds, "ambiguity_by_bits": amb,
-        "width_slopes": width_slopes(rows, meta.widths), "table": table})
+        "width_slopes": width_slopes(rows, meta.widths),
+        "width_evidence_only": {f"int{b}": {"slopes": width_slopes(rows, meta.widths, f"_b{b}"),
+                                            "gain_by_width": width_gains(table, meta.widths, f"_b{b}")}
+                                for b in meta.width_evidence_bits}, "table": table})
     ctx.log_metrics({f"effect_{c.name}": c.effect for c in claims})
     ctx.log_metrics({f"amb_b{b}": v for b, v in amb.items()})
     write_curves_and_figures(ctx, table, meta, M)
@@ -180,7 +216,8 @@ def write_curves_and_figures(ctx: StageContext, table: dict, meta: EnsembleMeta,
     for b in meta.bits:
         ax.plot([val(f"lpe_b{b}_m{m}", "memory") for m in meta.sizes],
                 [val(f"lpe_b{b}_m{m}") for m in meta.sizes], marker="o", label=f"LPE-BSR INT-{b}")
-    markers = {"fp32": "k*", "deep_ensemble": "rs", "snapshot": "g^", "snapshot_lpe": "bv", "swag_diag": "mD"}
+    markers = {"fp32": "k*", "deep_ensemble": "rs", "snapshot": "g^", "snapshot_lpe": "bv", "swag": "mD",
+               "swag_lpe": "md", "ivon": "cP", "ivon_lpe": "cX"}
     for name, style in markers.items():
         if name in table:
             ax.plot(val(name, "memory"), val(name), style, ms=9, label=name)

@@ -1,5 +1,5 @@
-"""train: full-precision solutions per seed, the deep-ensemble, snapshot and SWAG baselines, and the
-width sweep behind ``lpe_gain_grows_with_width``."""
+"""train: full-precision solutions per seed, the deep-ensemble, snapshot, SWAG and IVON baselines, and
+the width sweep behind ``lpe_gain_grows_with_width``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,7 +24,14 @@ class TrainParams(Params):
     seeds: list[int] = Field(min_length=1, description="one trained solution per seed")
     deep_ensemble_size: int = Field(ge=0, description="independent trainings per seed (0: skip)")
     snapshots: int = Field(ge=0, description="snapshot-ensemble cycles within one budget (0: skip)")
-    swag_epochs: int = Field(ge=0, description="final epochs whose iterates feed SWAG-diagonal (0: skip)")
+    swag_epochs: int = Field(ge=0, description="SWAG: epochs at the constant swag_lr after the FP32 solution, "
+                                               "one iterate collected per epoch (0: skip)")
+    swag_lr: float = Field(gt=0, description="SWAG's constant collection learning rate")
+    swag_rank: int = Field(ge=2, description="SWAG: rank K of the low-rank covariance (last K deviations)")
+    ivon_epochs: int = Field(ge=0, description="IVON training epochs (0: skip)")
+    ivon_lr: float = Field(gt=0, description="IVON peak learning rate (cosine decay)")
+    ivon_hess_init: float = Field(gt=0, description="IVON initial Hessian estimate h0")
+    ivon_beta2: float = Field(gt=0, lt=1, description="IVON Hessian EMA rate")
     widths: list[int] = Field(description="width sweep: every hidden layer this wide, one FP32 model "
                                           "per width and seed ([]: skip)")
 
@@ -43,8 +50,8 @@ class TrainParams(Params):
             raise ValueError("model 'pretrained' needs 'model_dir'")
         if self.snapshots == 1:
             raise ValueError("snapshots must be 0 (skip) or >= 2")
-        if self.swag_epochs > self.epochs:
-            raise ValueError("swag_epochs cannot exceed epochs")
+        if 0 < self.swag_epochs < self.swag_rank:
+            raise ValueError("swag_epochs must be >= swag_rank (one deviation per collected epoch)")
         return self
 
 
@@ -58,18 +65,16 @@ def _save_pretrained(ctx: StageContext, p: TrainParams) -> None:
     model = AutoModelForImageClassification.from_pretrained(p.model_dir, use_safetensors=True)
     model.save_pretrained(ctx.out_dir / "pretrained", safe_serialization=True)
     meta = TrainMeta(kind="pretrained", seeds=p.seeds, in_features=None, hidden=[], num_classes=None,
-                     deep_ensemble_size=0, snapshots=0, swag=False, widths=[])
+                     deep_ensemble_size=0, snapshots=0, swag=False, ivon=False, widths=[])
     io.write_json(ctx.out_dir / "meta.json", meta.model_dump())
 
 
 def _train_seed(ctx: StageContext, p: TrainParams, meta: TrainMeta, x, y, seed: int) -> None:
-    """One seed: the FP32 solution (with SWAG moments), deep-ensemble members, snapshots, widths."""
+    """One seed: the FP32 solution, SWAG, IVON, deep-ensemble members, snapshots, widths."""
     import torch
 
     from models.common.train import fit_classifier
-    from models.lowprec_ensemble import SWAGDiagonal, cyclic_cosine_lr
-
-    steps_per_epoch = (len(y) + p.batch_size - 1) // p.batch_size
+    from models.lowprec_ensemble import cyclic_cosine_lr
 
     def run(run_seed: int, width: int | None = None, **kw):
         torch.manual_seed(run_seed)
@@ -80,24 +85,19 @@ def _train_seed(ctx: StageContext, p: TrainParams, meta: TrainMeta, x, y, seed: 
                        on_epoch=lambda e, loss: losses.append(loss), **kw)
         return model, losses
 
-    swag, swag_start = None, (p.epochs - p.swag_epochs) * steps_per_epoch
-
-    def collect(step, model):
-        nonlocal swag
-        if p.swag_epochs and step > swag_start and step % steps_per_epoch == 0:
-            swag = swag or SWAGDiagonal(model)
-            swag.collect(model)
-
-    model, losses = run(seed, on_step=collect)
+    model, losses = run(seed)
     save = lambda name, state: io.save_state(ctx.out_dir / member_file(seed, name), state)
     save("fp32", model.state_dict())
     for epoch, loss in enumerate(losses):
         ctx.log_metrics({f"train_loss_seed{seed}": loss}, step=epoch)
-    if swag is not None:
-        save("swag", swag.state())
+    if p.swag_epochs:
+        save("swag", _swag(p, model, x, y, seed))
+    if p.ivon_epochs:
+        save("ivon", _ivon(p, meta, x, y, seed, ctx.device))
     for k in range(p.deep_ensemble_size):  # member 0 is the FP32 solution, members 1.. extra trainings
         save(f"de{k}", (model if k == 0 else run(1000 * (seed + 1) + k)[0]).state_dict())
     if p.snapshots:
+        steps_per_epoch = (len(y) + p.batch_size - 1) // p.batch_size
         cycle = (p.epochs * steps_per_epoch) // p.snapshots
         snaps: list[dict] = []
 
@@ -112,9 +112,40 @@ def _train_seed(ctx: StageContext, p: TrainParams, meta: TrainMeta, x, y, seed: 
         save(f"width{width}", run(seed, width)[0].state_dict())
 
 
+def _swag(p: TrainParams, model, x, y, seed: int) -> dict:
+    """SWAG's collection schedule (Maddox et al. 2019): from the trained solution, SGD at a constant
+    learning rate, one iterate per epoch into the moments and the last K deviations."""
+    import copy
+
+    import torch
+
+    from models.common.train import fit_classifier
+    from models.lowprec_ensemble import SWAG
+
+    walker, swag = copy.deepcopy(model), SWAG(p.swag_rank)
+    fit_classifier(walker, x, y, epochs=p.swag_epochs, lr=p.swag_lr, batch_size=p.batch_size,
+                   weight_decay=p.weight_decay, generator=torch.Generator().manual_seed(7919 + seed),
+                   on_epoch=lambda e, loss: swag.collect(walker))
+    return swag.state()
+
+
+def _ivon(p: TrainParams, meta: TrainMeta, x, y, seed: int, device) -> dict:
+    """IVON from scratch (its own training run, the same epochs budget as SGD), prior precision =
+    the SGD weight decay."""
+    import torch
+
+    from models.lowprec_ensemble import fit_ivon
+
+    torch.manual_seed(seed)
+    model = build_mlp(meta).to(device)
+    return fit_ivon(model, x, y, epochs=p.ivon_epochs, lr=p.ivon_lr, batch_size=p.batch_size,
+                    hess_init=p.ivon_hess_init, weight_decay=p.weight_decay, beta2=p.ivon_beta2,
+                    generator=torch.Generator().manual_seed(seed))
+
+
 @stage(params=TrainParams, inputs=("prepare",), gpu=True)
 def train(ctx: StageContext, p: TrainParams) -> None:
-    """Full-precision solutions per seed, plus deep-ensemble, snapshot and SWAG baselines and widths."""
+    """Full-precision solutions per seed, plus deep-ensemble, snapshot, SWAG and IVON baselines, widths."""
     import torch
 
     if p.model == "pretrained":
@@ -125,7 +156,7 @@ def train(ctx: StageContext, p: TrainParams) -> None:
     meta = TrainMeta(kind="mlp", seeds=p.seeds, in_features=x.shape[1], hidden=p.hidden,
                      num_classes=int(max(data[k].max() for k in data if k.startswith("y_")) + 1),
                      deep_ensemble_size=p.deep_ensemble_size, snapshots=p.snapshots,
-                     swag=p.swag_epochs > 0, widths=p.widths)
+                     swag=p.swag_epochs > 0, ivon=p.ivon_epochs > 0, widths=p.widths)
     for seed in ctx.progress(p.seeds, desc="seeds"):
         _train_seed(ctx, p, meta, x, y, seed)
     io.write_json(ctx.out_dir / "meta.json", meta.model_dump())
