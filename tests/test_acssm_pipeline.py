@@ -222,7 +222,7 @@ def test_skip_ablation_is_paired_per_seed():
 
 
 @pytest.mark.slow
-def test_prefect_flow_runs_the_three_stages_with_mlflow_children(tmp_path, prefect_harness, mlflow_uri,
+def test_prefect_flow_runs_every_stage_with_mlflow_children(tmp_path, prefect_harness, mlflow_uri,
                                                                  monkeypatch):
     import mlflow
 
