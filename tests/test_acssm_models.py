@@ -213,3 +213,40 @@ def test_all_padding_series_is_rejected_and_bad_task_too():
         check_series(times, values, mask, valid)
     with pytest.raises(ValueError, match="task must be one of"):
         ACSSM(obs_dim=4, out_dim=2, task="forecast")
+
+
+def test_noskip_ablation_decoder_sees_only_the_latent_sample():
+    from models.acssm.fit import build_model
+
+    cfg = dict(width=8, state_dim=4, num_basis=2, n_layers=1, n_heads=1, time_scale=1.0, skip=True,
+               sde_dt=0.1, obs_var=0.01)
+    full, noskip = (build_model(m, "regression", 4, 2, cfg, causal=False) for m in ("acssm", "acssm_noskip"))
+    assert full.skip and full.decoder[0].in_features == 4 + 8
+    assert not noskip.skip and noskip.decoder[0].in_features == 4 and isinstance(noskip, ACSSM)
+    # with the control cut, the no-skip model's predictions no longer depend on the inputs; the skip
+    # model's still do (its decoder bypasses the latent SDE through z_k)
+    times, values, mask = _batch()
+    with torch.no_grad():
+        for m in (full, noskip):
+            m.control.weight.zero_()
+            m.control.bias.zero_()
+        outs = {}
+        for name, m in (("full", full), ("noskip", noskip)):
+            for k, v in (("a", values), ("b", values + 1.0)):
+                torch.manual_seed(0)
+                outs[name, k] = m(times, v, mask, n_samples=2)["pred"]
+    assert torch.equal(outs["noskip", "a"], outs["noskip", "b"])
+    assert not torch.allclose(outs["full", "a"], outs["full", "b"], atol=1e-4)
+
+
+def test_speed_sweep_euler_step_gives_exactly_the_stated_solver_steps():
+    from tasks.acssm.speed import euler_step
+
+    for horizon, steps in ((4.95, 100), (4.95, 200), (5.0, 50), (3.3, 7)):
+        model = TorchsdeLatentSDE(3, 2, width=8, state_dim=4, dt=euler_step(horizon, steps))
+        calls = []
+        f = model.sde.f
+        model.sde.f = lambda t, y: calls.append(float(t)) or f(t, y)
+        times = torch.linspace(horizon / 10, horizon, 10)[None]
+        model(times, torch.randn(1, 10, 3), torch.ones(1, 10, 3))
+        assert len(calls) == steps + 1, (horizon, steps, len(calls))   # + torchsde's one shape check at t0

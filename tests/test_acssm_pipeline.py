@@ -11,10 +11,12 @@ import yaml
 from tests.conftest import ROOT, dvc
 
 PAPER = "acssm"
-STAGES = ["prepare", "finetune", "evaluate"]
+STAGES = ["prepare", "finetune", "speed", "evaluate"]
 CLAIMS = {"acssm_beats_baselines_interpolation", "acssm_beats_baselines_extrapolation",
           "acssm_beats_baselines_classification", "acssm_beats_baselines_regression",
-          "simulation_free_speedup"}
+          "acssm_beats_trivial", "simulation_free_speedup"}
+REFERENCES = {"classification": ["majority_class"], "regression": ["last_value", "linear_interpolation"],
+              "interpolation": ["linear_interpolation", "last_value"], "extrapolation": ["last_value"]}
 
 
 def _smoke_params() -> dict:
@@ -64,10 +66,34 @@ def test_dvc_repro_writes_metrics_claims_and_plots(smoke_repo):
         if metrics["claims"][f"acssm_beats_baselines_{task}"]:    # a CI win is also a win on the means
             better = max if task == "classification" else min
             assert better(means, key=means.get) == "acssm"
+    # every trivial reference of every task, ACSSM's per-seed skill over it
+    trivial = evidence["claims"]["acssm_beats_trivial"]["parts"]
+    assert set(trivial) == {f"{t}_{r}" for t, refs in REFERENCES.items() for r in refs}
+    for t, refs in REFERENCES.items():
+        for r in refs:
+            ref = test[t][r]["mean"]
+            skills = [(a - ref) / (1 - ref) if t == "classification" else 1 - a / ref
+                      for a in test[t]["acssm"]["per_seed"]]
+            part = trivial[f"{t}_{r}"]
+            assert part["effect"] == pytest.approx(np.mean(skills), abs=1e-5)
+            assert part["margin"] == margins["trivial_margin"] and part["n"] == len(seeds)
+    # the no-skip ablation, paired per seed
+    for t, ab in evidence["skip_ablation"].items():
+        sign = 1 if t == "classification" else -1
+        gains = [sign * (a - b) for a, b in zip(test[t]["acssm"]["per_seed"], test[t]["acssm_noskip"]["per_seed"])]
+        assert ab["skip_gain"] == pytest.approx(np.mean(gains), abs=1e-6) and ab["n"] == len(seeds)
+    # the speed claim: one latent SDE / ACSSM ratio per timing round of the speed stage, at claim_steps
     speed = metrics["claims_detail"]["simulation_free_speedup"]
-    per_seed = [np.mean([evidence["speed"]["per_task_per_seed"][t][str(s)] for t in test]) for s in seeds]
-    assert speed["effect"] == pytest.approx(np.mean(per_seed), abs=1e-5)
-    assert speed["margin"] == margins["speedup_factor"] and speed["n"] == len(seeds)
+    raw = evidence["speed_raw"]
+    assert raw["claim_steps"] == 8 and raw["steps"] == [4, 8] and len(raw["acssm_seconds"]) == 2
+    ratios = [s / a for s, a in zip(raw["latent_sde_seconds"]["8"], raw["acssm_seconds"])]
+    assert speed["effect"] == pytest.approx(np.mean(ratios), abs=1e-5)
+    assert speed["margin"] == margins["speedup_factor"] and speed["n"] == 2
+    assert (res / "plots" / "speed_sweep.png").stat().st_size > 1000
+    # no wall-clock numbers in finetune's outputs (they would differ run to run)
+    fit = smoke_repo / "artifacts" / PAPER / "finetune"
+    assert "sec" not in (fit / "runs.json").read_text()
+    assert "seconds" not in (fit / "regression" / "acssm" / "seed0" / "history.json").read_text()
     for png in ("trajectories_regression.png", "latent_interpolation.png"):
         assert (res / "plots" / png).stat().st_size > 1000
     assert json.loads((res / "curves" / "latent_variance_regression.json").read_text())
@@ -78,17 +104,22 @@ def test_dvc_repro_writes_metrics_claims_and_plots(smoke_repo):
 
 
 def _scores(acssm, gru, sde, trivial, task="regression"):
-    from tasks.acssm.evaluate import Scores
+    from tasks.acssm.evaluate import TRIVIAL, Scores
 
     return Scores(seeds=list(range(len(acssm))),
-                  per_seed={task: {"acssm": acssm, "gru_dt": gru, "latent_sde": sde}}, trivial={task: trivial})
+                  per_seed={task: {"acssm": acssm, "gru_dt": gru, "latent_sde": sde}},
+                  trivial={task: {TRIVIAL[task]: trivial}})
 
 
 def _params(**kw):
     from tasks.acssm.evaluate import EvaluateParams
 
-    return EvaluateParams(**{**dict(speedup_factor=5.0, accuracy_margin=0.0, mse_margin=0.0, min_skill=0.0,
-                                    n_plot_series=1), **kw})
+    return EvaluateParams(**{**dict(speedup_factor=5.0, accuracy_margin=0.0, mse_margin=0.0, trivial_margin=0.0,
+                                    min_skill=0.0, n_plot_series=1), **kw})
+
+
+def _claim(claims, name):
+    return next(c for c in claims if c.name == name)
 
 
 def test_a_poisoned_param_fails_the_repro_and_keeps_every_output(smoke_repo):
@@ -102,42 +133,96 @@ def test_beats_baselines_needs_a_per_seed_ci_past_the_margin_for_every_baseline(
     from tasks.acssm.evaluate import decide_claims
 
     clear = _scores([0.50, 0.52, 0.51], [0.60, 0.63, 0.61], [0.55, 0.57, 0.56], trivial=1.0)
-    (claim,), (g,) = decide_claims(clear, {}, _params())
+    (claim, _), (g,) = decide_claims(clear, None, _params())
     assert claim.verdict is True and g.passed and set(claim.parts) == {"gru_dt", "latent_sde"}
     assert claim.parts["latent_sde"].effect == pytest.approx(0.05)            # MSE reduction, paired
-    (claim,), _ = decide_claims(clear, {}, _params(mse_margin=0.06))          # margin beyond the effect
+    (claim, _), _ = decide_claims(clear, None, _params(mse_margin=0.06))          # margin beyond the effect
     assert claim.verdict is False
     noisy = _scores([0.50, 0.60, 0.52], [0.70, 0.75, 0.72], [0.52, 0.57, 0.55], trivial=1.0)
-    (claim,), _ = decide_claims(noisy, {}, _params())                         # wins on the mean, CI straddles 0
+    (claim, _), _ = decide_claims(noisy, None, _params())                         # wins on the mean, CI straddles 0
     assert np.mean(noisy.per_seed["regression"]["acssm"]) < np.mean(noisy.per_seed["regression"]["latent_sde"])
     assert claim.verdict is False and claim.parts["gru_dt"].verdict is True
     accuracy = _scores([0.70, 0.72, 0.71], [0.60, 0.61, 0.60], [0.65, 0.66, 0.64], 0.2, task="classification")
-    (claim,), (g,) = decide_claims(accuracy, {}, _params())                   # higher is better
+    (claim, _), (g,) = decide_claims(accuracy, None, _params())               # higher is better
     assert claim.verdict is True and g.value == pytest.approx((0.71 - 0.2) / 0.8)
 
 
 def test_a_model_worse_than_the_trivial_reference_makes_the_claim_untestable():
     from tasks.acssm.evaluate import decide_claims
 
-    (claim,), (g,) = decide_claims(_scores([0.5, 0.52], [0.6, 0.63], [0.55, 0.58], trivial=0.4), {}, _params())
+    (claim, _), (g,) = decide_claims(_scores([0.5, 0.52], [0.6, 0.63], [0.55, 0.58], trivial=0.4), None,
+                                     _params())
     assert not g.passed and g.value == pytest.approx(1 - 0.51 / 0.4)
     assert claim.verdict is None and "skill" in claim.reason
 
 
-def test_speedup_claim_is_a_per_seed_ratio_against_the_margin():
-    from tasks.acssm.evaluate import decide_claims
+def test_speedup_claim_is_the_per_round_ratio_at_the_claim_steps():
+    from tasks.acssm.evaluate import decide_claims, speed_summary
 
     scores = _scores([0.5, 0.5, 0.5], [0.6, 0.6, 0.6], [0.6, 0.6, 0.6], trivial=1.0)
-    ratios = {"regression": {0: 6.0, 1: 6.2, 2: 5.9}, "interpolation": {0: 6.1, 1: 6.0, 2: 6.3}}
-    claims, _ = decide_claims(scores, ratios, _params())
-    speed = next(c for c in claims if c.name == "simulation_free_speedup")
-    assert speed.verdict is True and speed.n == 3 and speed.effect == pytest.approx(6.0833, abs=1e-3)
-    claims, _ = decide_claims(scores, ratios, _params(speedup_factor=6.05))
-    assert next(c for c in claims if c.name == "simulation_free_speedup").verdict is False
+    speed = {"task": "regression", "series": 10, "points": 50, "horizon": 5.0, "batch_size": 5,
+             "train_samples": 3, "threads": 1, "steps": [100, 200], "claim_steps": 200,
+             "sde_dt": {"100": 0.05, "200": 0.025}, "acssm_seconds": [1.0, 2.0, 1.0],
+             "latent_sde_seconds": {"100": [3.0, 6.0, 3.1], "200": [6.0, 12.4, 5.9]}}
+    speedup = _claim(decide_claims(scores, speed, _params())[0], "simulation_free_speedup")
+    assert speedup.verdict is True and speedup.n == 3 and speedup.effect == pytest.approx(6.0333, abs=1e-3)
+    speedup = _claim(decide_claims(scores, speed, _params(speedup_factor=6.05))[0], "simulation_free_speedup")
+    assert speedup.verdict is False                                            # the mean is under the margin
+    summary = speed_summary(speed)
+    assert summary["per_steps"]["100"]["ratio"] == pytest.approx((3 + 3 + 3.1) / 3)
+    assert summary["per_steps"]["200"]["acssm_sec"] == 1.0 and summary["rounds"] == 3
+
+
+def test_beats_trivial_needs_every_reference_of_every_task():
+    from tasks.acssm.evaluate import Scores, decide_claims
+
+    row = {"acssm": [0.50, 0.52, 0.51], "gru_dt": [0.6] * 3, "latent_sde": [0.6] * 3}
+    scores = Scores(seeds=[0, 1, 2], per_seed={"regression": row, "classification": {
+        "acssm": [0.70, 0.72, 0.71], "gru_dt": [0.6] * 3, "latent_sde": [0.6] * 3}},
+        trivial={"regression": {"last_value": 0.80, "linear_interpolation": 0.60},
+                 "classification": {"majority_class": 0.20}})
+    trivial = _claim(decide_claims(scores, None, _params())[0], "acssm_beats_trivial")
+    assert trivial.verdict is True and set(trivial.parts) == {
+        "regression_last_value", "regression_linear_interpolation", "classification_majority_class"}
+    assert trivial.parts["regression_linear_interpolation"].effect == pytest.approx(1 - 0.51 / 0.60)
+    assert trivial.parts["classification_majority_class"].effect == pytest.approx((0.71 - 0.2) / 0.8)
+    assert trivial.weakest == "regression_linear_interpolation"
+    scores.trivial["regression"]["linear_interpolation"] = 0.515              # one reference ties ACSSM
+    assert _claim(decide_claims(scores, None, _params())[0], "acssm_beats_trivial").verdict is False
+    tight = _claim(decide_claims(scores, None, _params(trivial_margin=0.5))[0], "acssm_beats_trivial")
+    assert tight.verdict is False
+
+
+def test_trivial_references_on_hand_made_series():
+    import torch
+
+    from tasks.acssm.evaluate import trivial_scores
+
+    nan = float("nan")
+    test = {"times": torch.tensor([[0.0, 1.0, 2.0, 3.0]]), "values": torch.tensor([[[1.0], [nan], [3.0], [nan]]]),
+            "mask": torch.tensor([[[1.0], [0.0], [1.0], [0.0]]]), "target": torch.tensor([[[1.0], [2.0], [3.0], [4.0]]]),
+            "target_mask": torch.tensor([[[0.0], [1.0], [0.0], [1.0]]]), "valid": torch.ones(1, 4, dtype=torch.bool)}
+    ref = trivial_scores("interpolation", test, test)
+    assert ref["linear_interpolation"] == pytest.approx((0.0 + 1.0) / 2)     # predicts 2 and 3
+    assert ref["last_value"] == pytest.approx((1.0 + 1.0) / 2)               # predicts 1 and 3
+    train = {"target": torch.tensor([[2, 2, 1]]), "target_mask": torch.ones(1, 3)}
+    labels = {"target": torch.tensor([[1, 2, 2, 0]]), "target_mask": torch.tensor([[1.0, 1.0, 1.0, 0.0]])}
+    assert trivial_scores("classification", train, labels) == {"majority_class": pytest.approx(2 / 3)}
+
+
+def test_skip_ablation_is_paired_per_seed():
+    from tasks.acssm.evaluate import Scores, skip_ablation
+
+    scores = Scores(seeds=[0, 1, 2], per_seed={"regression": {"acssm": [0.50, 0.52, 0.51],
+                                                              "acssm_noskip": [0.60, 0.61, 0.62]}},
+                    trivial={"regression": {"last_value": 1.0}})
+    ab = skip_ablation(scores)["regression"]
+    assert ab["skip_gain"] == pytest.approx(0.1) and ab["ci"][0] > 0 and ab["n"] == 3
+    assert ab["noskip_skill_over_trivial"] == pytest.approx(1 - 0.61)
 
 
 @pytest.mark.slow
-def test_prefect_flow_runs_the_three_stages_with_mlflow_children(tmp_path, prefect_harness, mlflow_uri,
+def test_prefect_flow_runs_every_stage_with_mlflow_children(tmp_path, prefect_harness, mlflow_uri,
                                                                  monkeypatch):
     import mlflow
 
@@ -157,6 +242,9 @@ def test_prefect_flow_runs_the_three_stages_with_mlflow_children(tmp_path, prefe
     ("prepare", "missing", 1.5, "acssm.prepare.missing"),
     ("evaluate", "speedup_factor", 0.5, "acssm.evaluate.speedup_factor"),
     ("evaluate", "mse_margin", -0.1, "acssm.evaluate.mse_margin"),
+    ("evaluate", "trivial_margin", 1.0, "acssm.evaluate.trivial_margin"),
+    ("speed", "claim_steps", 3, "claim_steps"),
+    ("speed", "repeats", 1, "acssm.speed.repeats"),
 ])
 def test_bad_params_are_rejected_before_any_compute(tmp_path, section, key, value, msg):
     from tasks.core import ParamsError, run_stage

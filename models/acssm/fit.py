@@ -7,10 +7,14 @@ import torch
 
 from models.acssm.networks import MODELS, LossWeights, point_prediction
 
+
 def build_model(name: str, task: str, obs_dim: int, out_dim: int, cfg: dict, causal: bool) -> torch.nn.Module:
-    """cfg: width, state_dim, num_basis, n_layers, n_heads, time_scale, skip, sde_dt, obs_var."""
+    """cfg: width, state_dim, num_basis, n_layers, n_heads, time_scale, skip, sde_dt, obs_var.
+    ``acssm_noskip`` is ACSSM whose decoder sees only the latent sample (no skip term from z_k)."""
+    if name == "acssm_noskip":
+        name, cfg = "acssm", {**cfg, "skip": False}
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS) + ['acssm_noskip']}")
     common = dict(task=task, width=cfg["width"], obs_var=cfg["obs_var"])
     if name == "gru_dt":
         return MODELS[name](obs_dim, out_dim, **common)
@@ -19,6 +23,18 @@ def build_model(name: str, task: str, obs_dim: int, out_dim: int, cfg: dict, cau
     if name == "acssm":
         return MODELS[name](obs_dim, out_dim, num_basis=cfg["num_basis"], **common)
     return MODELS[name](obs_dim, out_dim, dt=cfg["sde_dt"], **common)
+
+
+def train_step(model, opt, b: dict, weights: LossWeights, n_samples: int, grad_clip: float) -> tuple[float, dict]:
+    """One AdamW step on the negative ELBO of batch ``b``; returns (loss, parts)."""
+    out = model(b["times"], b["values"], b["mask"], b["valid"], n_samples=n_samples)
+    loss, parts = model.loss(out, b["target"], b["target_mask"], weights)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return float(loss.detach()), parts
 
 
 def train_model(model, data: dict, epochs: int, batch_size: int, lr: float, weight_decay: float,
@@ -36,15 +52,9 @@ def train_model(model, data: dict, epochs: int, batch_size: int, lr: float, weig
         total, parts_sum, steps = 0.0, {}, 0
         for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
-            b = {k: v[idx] for k, v in data.items()}
-            out = model(b["times"], b["values"], b["mask"], b["valid"], n_samples=n_samples)
-            loss, parts = model.loss(out, b["target"], b["target_mask"], weights)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
-            total += float(loss.detach())
+            loss, parts = train_step(model, opt, {k: v[idx] for k, v in data.items()}, weights, n_samples,
+                                     grad_clip)
+            total += loss
             steps += 1
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v

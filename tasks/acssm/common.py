@@ -11,7 +11,7 @@ from tasks.core import io
 
 TASK_NAMES = ("classification", "regression", "interpolation", "extrapolation")
 TaskName = Literal["classification", "regression", "interpolation", "extrapolation"]
-ModelName = Literal["acssm", "gru_dt", "latent_sde"]
+ModelName = Literal["acssm", "acssm_noskip", "gru_dt", "latent_sde"]
 
 
 class _Record(BaseModel):
@@ -33,12 +33,12 @@ class TaskMeta(_Record):
 
 
 class RunSummary(_Record):
-    """One (task, model, seed) training in finetune's runs.json."""
+    """One (task, model, seed) training in finetune's runs.json (no wall-clock numbers: those differ run
+    to run; the speed stage times the models)."""
 
     task: TaskName
     model: ModelName
     seed: int
-    sec_per_epoch_median: float
     final_loss: float
 
 
