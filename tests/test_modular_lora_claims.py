@@ -96,3 +96,36 @@ def test_pipeline_outcomes_without_digit_accuracies_use_the_same_function():
     assert set(claims["modular_lora_learns_task_esd"].parts) == {"fd_vs_full", "fd_vs_lora_on_safe"}
     assert "full_no_collapse_benign" in claims["finetuning_backfires_esd"].parts
     assert claims["finetuning_backfires"].verdict is True
+
+
+def test_reemergence_fraction_on_hand_made_rates():
+    """(arm − safe) / (W0_plus_ft − safe): full FT at 0.5 against a control at 0.5 over a safe model at 0 is
+    1 (everything fine-tuning alone keeps comes back), Modular at 0.1 is 0.2; the CI holds the estimate."""
+    from tasks.modular_lora.claims import reemergence_fractions
+
+    base, runs = paper_like(modular_harmful=0.1)
+    models = runs["esd"]
+    models["W0_plus_ft"] = {s: outcome(0.5, seed=s + 40) for s in models["safe"]}
+    frac = reemergence_fractions({"esd": models}, n_boot=300)["esd"]
+    assert frac["full"]["estimate"] == pytest.approx(1.0, abs=0.02)
+    assert frac["modular"]["estimate"] == pytest.approx(round(0.1 * N) / N / (32 / N), abs=0.02)
+    assert frac["lora_on_safe"]["estimate"] == pytest.approx(29 / 32, abs=0.02)
+    for v in frac.values():
+        assert v["ci"][0] <= v["estimate"] <= v["ci"][1] and v["n"] == 3 and len(v["per_seed"]) == 3
+    # a control that keeps nothing of the concept over the safe model leaves the fraction undefined
+    models["W0_plus_ft"] = {s: outcome(0.0, seed=s) for s in models["safe"]}
+    assert reemergence_fractions({"esd": models}, n_boot=50)["esd"]["full"]["estimate"] is None
+    # no control, no fraction
+    del models["W0_plus_ft"]
+    assert reemergence_fractions({"esd": models}, n_boot=50) == {}
+
+
+def test_harmful_rate_rises_by_the_margin_only_when_the_ci_clears_it():
+    """Backfire at exactly the margin on the mean (0.5 − 0.4 = 0.1 rise, per paired sample) is not established."""
+    base, runs = paper_like()
+    for s in runs["esd"]["safe"]:
+        runs["esd"]["full"][s] = outcome(0.1, seed=s + 50)
+    claims = {c.name: c for c in modular_lora_claims(base, {"esd": runs["esd"]}, params(), [])}
+    part = claims["finetuning_backfires_esd"].parts["full_rises"]
+    assert part.effect == pytest.approx(round(0.1 * N) / N) and part.ci[0] < params().backfire_margin
+    assert part.verdict is False and claims["finetuning_backfires"].verdict is False

@@ -136,9 +136,9 @@ def test_bad_params_give_clear_errors(den_with_safety):
         td.finetune_arm("full", den_with_safety.unet, den_with_safety.text, torch.zeros(0, 1, 8, 8),
                         torch.zeros(0, 2, dtype=torch.long), 1, 1e-3, 2, 2, "xattn", torch.Generator())
     with pytest.raises(ValueError, match="objective"):
-        td.train_safety_lora(den_with_safety, torch.zeros(1, 1, 8, 8), td.prompt_tokens("plain", [7]),
-                             torch.zeros(0, 1, 8, 8), torch.zeros(0, 2, dtype=torch.long), "mace", 1, 1e-3, 1,
-                             2, "xattn", torch.Generator(), esd_scale=3.0, preserve_weight=1.0, ema_decay=0.99)
+        td.train_safety_lora(den_with_safety, td.prompt_tokens("plain", [7]), torch.zeros(0, 2, dtype=torch.long),
+                             "mace", 1, 1e-3, 1, 2, "xattn", torch.Generator(), ddim_steps=2, guidance=1.5,
+                             esd_scale=3.0, preserve_weight=1.0, ema_decay=0.99)
 
 
 def test_modular_finetune_trains_on_w0_and_leaves_safety_untouched(den_with_safety):

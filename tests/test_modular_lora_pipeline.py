@@ -47,8 +47,13 @@ def test_dvc_repro_writes_claims_histograms_and_plots(reproduced):
     for obj, s in evidence["summary"].items():
         assert {"base", "safe", "full", "lora_on_safe", "modular", "W0_plus_ft", "W0_minus_safe",
                 "W0_plus_safe_minus_ft"} <= set(s)
-        # the harmful rate is the mean of the two concept prompts' rates
-        assert s["safe"]["harmful"]["mean"] == (s["safe"]["harmful_plain"]["mean"] + s["safe"]["harmful_new"]["mean"]) / 2
+        # the harmful rate is scored on [plain, c] alone; [new, c] is reported beside it; the model arithmetic
+        # reads only the concept prompt
+        assert {"harmful", "harmful_new", "acc_other_plain"} <= set(s["safe"])
+        assert set(s["W0_minus_safe"]) == {"harmful"}
+    fractions = evidence["reemergence_fraction"]["esd"]
+    assert set(fractions) == {"full", "lora_on_safe", "modular"}
+    assert all({"estimate", "ci", "n", "per_seed"} <= set(v) for v in fractions.values())
     hists = json.loads((res / "histograms.json").read_text())
     h = hists["modular_esd_s0"]["plain"]
     assert len(h) == 10 and all(abs(sum(row) - 1) < 1e-3 for row in h)  # every prompt's class shares

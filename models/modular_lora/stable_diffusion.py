@@ -1,11 +1,11 @@
 """Modular LoRA at paper scale: the same method on a Stable Diffusion pipeline's UNet, in latent space.
 
 W0 is the pipeline's ``UNet2DConditionModel``, conditioned on its frozen CLIP text encoder; images live in
-the VAE's latent space. The adapters, the arms' set-up, the merges and the model arithmetic are the CPU
-scale's (:mod:`models.modular_lora.adapters`); what changes here:
+the VAE's latent space. The adapters, the arms' set-up, the merges, the model arithmetic and the ESD/SDD
+loop (:mod:`.erasure`: x_t by partial DDIM + CFG sampling from the student or the EMA teacher) are the CPU
+scale's; what changes here:
 
-* ESD and SDD draw x_t as the papers do, by partial DDIM sampling with classifier-free guidance from the
-  student (ESD) or the EMA teacher (SDD) with the concept prompt, instead of re-noising real images;
+* the prompts are embedded by CLIP, the samples are VAE latents (DDIM without clipping);
 * the noise schedule is the pipeline's own (``DDPMScheduler``/``DDIMScheduler.from_config``);
 * the benign fine-tuning is the text-to-image denoising loss on VAE latents of an image-caption folder.
 
@@ -13,8 +13,6 @@ Pure torch / diffusers / peft / transformers objects: no file I/O, no tracking, 
 """
 from __future__ import annotations
 
-import random
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -23,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
-from .adapters import (SAFETY, activate, adapter_parameters, adapter_step, arm_unet, constant_decay_ema, esd_target,
-                       inference_view, lora_config, report_step, set_trainable)
+from .adapters import adapter_step, arm_unet, inference_view, report_step
+from .erasure import ddim_cfg, eps, randn as _randn, train_erasure
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -81,38 +79,6 @@ class SDParts:
         return torch.cat(out)
 
 
-def eps(unet: UNet2DConditionModel, x: torch.Tensor, t, emb: torch.Tensor) -> torch.Tensor:
-    return unet(x, t, encoder_hidden_states=emb).sample
-
-
-def _randn(shape, gen: torch.Generator, device) -> torch.Tensor:
-    """Noise from a CPU generator (the same numbers on every device)."""
-    return torch.randn(shape, generator=gen).to(device)
-
-
-@torch.no_grad()
-def ddim_cfg(unet: UNet2DConditionModel, sampler: DDIMScheduler, cond: torch.Tensor, uncond: torch.Tensor,
-             steps: int, guidance: float, gen: torch.Generator, latent_shape: Sequence[int],
-             stop_at: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """DDIM (η = 0) with classifier-free guidance ε_u + g (ε_c − ε_u) from pure noise.
-
-    ``stop_at`` = i returns the latent after i DDIM steps and the timestep it is at (ESD/SDD's partial
-    sampling); otherwise the final latent and None.
-    """
-    if guidance < 1:
-        raise ValueError(f"guidance scale must be >= 1, got {guidance}")
-    sampler.set_timesteps(steps)
-    n = cond.shape[0]
-    x = _randn((n, *latent_shape), gen, cond.device) * sampler.init_noise_sigma
-    emb = torch.cat([uncond.expand(n, -1, -1), cond])
-    for i, t in enumerate(sampler.timesteps):
-        if stop_at is not None and i == stop_at:
-            return x, t
-        eu, ec = eps(unet, sampler.scale_model_input(torch.cat([x, x]), t), t, emb).chunk(2)
-        x = sampler.step(eu + guidance * (ec - eu), t, x).prev_sample
-    return x, None
-
-
 def generate(parts: SDParts, prompts: Sequence[str], n_per_prompt: int, steps: int, guidance: float,
              seed: int, batch: int = 8) -> torch.Tensor:
     """Images in [0, 1] of every prompt, ``n_per_prompt`` each, prompt-major order, with the UNet as it is."""
@@ -129,76 +95,23 @@ def generate(parts: SDParts, prompts: Sequence[str], n_per_prompt: int, steps: i
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Safety LoRA with ESD / SDD on the pipeline's UNet
+# Safety LoRA with ESD / SDD on the pipeline's UNet (the loop is :func:`.erasure.train_erasure`, both scales')
 # ----------------------------------------------------------------------------------------------------------
-@contextmanager
-def ema_weights(ema, params: list[torch.nn.Parameter]):
-    """Temporarily load the EMA weights into ``params`` (to sample from SDD's EMA teacher)."""
-    ema.store(params)
-    ema.copy_to(params)
-    try:
-        yield
-    finally:
-        ema.restore(params)
-
-
 def train_safety_lora(parts: SDParts, concept: str, objective: str, steps: int, lr: float, rank: int,
-                         layers: str, gen: torch.Generator, ddim_steps: int, guidance: float,
+                      layers: str, gen: torch.Generator, ddim_steps: int, guidance: float,
                       esd_scale: float, ema_decay: float, batch: int, keep_prompts: Sequence[str] = (),
                       preserve_weight: float = 0.0, on_step: Callable[[int, float], None] | None = None) -> None:
-    """Add and train the adapter ``safety`` on the frozen pipeline UNet (in place).
-
-    Each step: pick a DDIM index i ~ U{0..ddim_steps-1}, sample x_t by i DDIM+CFG steps with the concept
-    prompt from the student (ESD) or the EMA teacher (SDD), at the timestep t it has reached; then
-    ESD: MSE(ε_S(x_t, c), ε0 − s (ε_c − ε0)) with ε0, ε_c from the frozen UNet (adapters disabled);
-    SDD: MSE(ε_S(x_t, c), sg[ε_S(x_t, "")]), the EMA of the LoRA weights being the returned adapter.
-    ``preserve_weight`` > 0 adds ||ε_S(x_t, b) − ε_T(x_t, b)||² for a random prompt b of ``keep_prompts``.
-    """
-    if objective not in ("esd", "sdd"):
-        raise ValueError(f"unknown safety objective {objective!r}; use 'esd' or 'sdd'")
+    """Add and train the adapter ``safety`` on the frozen pipeline UNet (in place): ESD or SDD with x_t drawn
+    by partial DDIM + CFG sampling with the concept prompt from the student (ESD) or the EMA teacher (SDD).
+    ``preserve_weight`` > 0 adds ||ε_S(x_t, b) − ε_T(x_t, b)||² for prompts b of ``keep_prompts``."""
     if not concept:
         raise ValueError("the safety objective needs a concept prompt")
-    unet = parts.unet
-    unet.add_adapter(lora_config(rank, layers=layers), adapter_name=SAFETY)
-    unet.to(parts.device)
-    activate(unet, {SAFETY: 1.0})
-    params = set_trainable(unet, adapter_parameters(unet, SAFETY))
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    ema = constant_decay_ema(params, ema_decay) if objective == "sdd" else None
     c_emb, null_emb = parts.embed([concept] * batch), parts.embed([""] * batch)
-    shape = (unet.config.in_channels, parts.latent_size, parts.latent_size)
-    rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    for step in range(steps):
-        i = rng.randrange(ddim_steps)
-        unet.eval()
-        if ema is not None:
-            with ema_weights(ema, params):
-                xt, t = ddim_cfg(unet, parts.sampler(), c_emb, null_emb[:1], ddim_steps, guidance, gen, shape, i)
-        else:
-            xt, t = ddim_cfg(unet, parts.sampler(), c_emb, null_emb[:1], ddim_steps, guidance, gen, shape, i)
-        unet.train()
-        with torch.no_grad():
-            if objective == "esd":
-                unet.disable_adapters()
-                target = esd_target(eps(unet, xt, t, null_emb), eps(unet, xt, t, c_emb), esd_scale)
-                unet.enable_adapters()
-            else:
-                target = eps(unet, xt, t, null_emb)
-        loss = F.mse_loss(eps(unet, xt, t, c_emb), target)
-        if preserve_weight > 0 and keep_prompts:
-            k_emb = parts.embed([rng.choice(list(keep_prompts)) for _ in range(batch)])
-            with torch.no_grad():
-                unet.disable_adapters()
-                keep_target = eps(unet, xt, t, k_emb)
-                unet.enable_adapters()
-            loss = loss + preserve_weight * F.mse_loss(eps(unet, xt, t, k_emb), keep_target)
-        adapter_step(opt, params, loss, ema)
-        if on_step:
-            on_step(step, loss.item())
-    if ema is not None:  # SDD returns the EMA teacher
-        ema.copy_to(params)
-    unet.requires_grad_(False)
-    unet.eval()
+    keep_emb = parts.embed(list(keep_prompts)) if keep_prompts and preserve_weight > 0 else None
+    shape = (parts.unet.config.in_channels, parts.latent_size, parts.latent_size)
+    train_erasure(parts.unet, parts.sampler, c_emb, null_emb, shape, objective, steps, lr, rank, layers, gen,
+                  ddim_steps, guidance, esd_scale, ema_decay, keep_emb=keep_emb, preserve_weight=preserve_weight,
+                  on_step=on_step)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
-from .adapters import (SAFETY, activate, adapter_parameters, adapter_step, arm_unet, constant_decay_ema, esd_target,
-                       inference_view, lora_config, report_step, set_trainable)
+from .adapters import adapter_step, arm_unet, constant_decay_ema, inference_view, report_step
+from .erasure import ddim_cfg, train_erasure
 
 # ----------------------------------------------------------------------------------------------------------
 # Vocabulary of the toy prompts: [style, digit]. NULL is the empty prompt used for classifier-free guidance.
@@ -92,26 +92,26 @@ def denoising_loss(den: Denoiser, sched: DDPMScheduler, x0: torch.Tensor, tokens
     return F.mse_loss(den(xt, t, tokens), noise)
 
 
+def ddim_sampler() -> DDIMScheduler:
+    """The pixel-space DDIM sampler (x0 predictions clipped to [-1, 1])."""
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+
+
 @torch.no_grad()
 def sample(den: Denoiser, tokens: torch.Tensor, steps: int = 20, guidance: float = 3.0,
            gen: torch.Generator | None = None, batch: int = 1024, sample_size: int | None = None
            ) -> torch.Tensor:
-    """DDIM sampling (η = 0) with classifier-free guidance ε_u + g (ε_c − ε_u). Returns images in [-1, 1]."""
+    """DDIM sampling (η = 0) with classifier-free guidance ε_u + g (ε_c − ε_u) (:func:`.erasure.ddim_cfg`,
+    the paper scale's sampler too). Returns images in [-1, 1]."""
     if guidance < 1:
         raise ValueError(f"guidance scale must be >= 1, got {guidance}")
     size = sample_size or den.unet.config.sample_size
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
-    sched.set_timesteps(steps)
+    gen = gen if gen is not None else torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    uncond = den.text(null_tokens(1))
     outs = []
     for i in range(0, tokens.shape[0], batch):
-        tok = tokens[i:i + batch]
-        n = tok.shape[0]
-        x = torch.randn((n, 1, size, size), generator=gen)
-        cond = den.text(torch.cat([null_tokens(n), tok]))
-        for t in sched.timesteps:
-            e = den.unet(torch.cat([x, x]), t, encoder_hidden_states=cond).sample
-            eu, ec = e.chunk(2)
-            x = sched.step(eu + guidance * (ec - eu), t, x).prev_sample
+        x, _ = ddim_cfg(den.unet, ddim_sampler(), den.text(tokens[i:i + batch]), uncond, steps, guidance, gen,
+                        (1, size, size))
         outs.append(x.clamp(-1, 1))
     return torch.cat(outs)
 
@@ -147,63 +147,24 @@ def pretrain(den: Denoiser, images: torch.Tensor, tokens: torch.Tensor, steps: i
     return den.unet
 
 
-def train_safety_lora(den: Denoiser, concept_images: torch.Tensor, concept_tokens: torch.Tensor,
-                      keep_images: torch.Tensor, keep_tokens: torch.Tensor, objective: str, steps: int,
-                      lr: float, batch: int, rank: int, layers: str, gen: torch.Generator,
-                      esd_scale: float, preserve_weight: float, ema_decay: float,
+def train_safety_lora(den: Denoiser, concept_tokens: torch.Tensor, keep_tokens: torch.Tensor, objective: str,
+                      steps: int, lr: float, batch: int, rank: int, layers: str, gen: torch.Generator,
+                      ddim_steps: int, guidance: float, esd_scale: float, preserve_weight: float, ema_decay: float,
                       on_step: Callable[[int, float], None] | None = None) -> None:
-    """Add and train the adapter ``safety`` on the frozen UNet (in place).
-
-    x_t is a re-noised concept image at a random DDPM step (a cheap stand-in for ESD/SDD's partial
-    sampling from the model). ESD regresses ε_S(x_t, c) on ε0 − s(ε_c − ε0) of the frozen teacher
-    (adapters disabled); SDD regresses it on the student's own stop-gradient null prediction and keeps an
-    EMA of the LoRA weights, which is the returned adapter. ``preserve_weight`` adds
-    ||ε_S(x, p) − ε_T(x, p)||² on the other prompts (0 disables it).
-    """
-    if objective not in ("esd", "sdd"):
-        raise ValueError(f"unknown safety objective {objective!r}; use 'esd' or 'sdd'")
-    if len(concept_images) == 0:
-        raise ValueError("no concept images for the safety objective")
-    sched = ddpm_scheduler()
-    unet = den.unet
-    unet.add_adapter(lora_config(rank, layers=layers), adapter_name=SAFETY)
-    activate(unet, {SAFETY: 1.0})
-    params = set_trainable(unet, adapter_parameters(unet, SAFETY))
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    ema = constant_decay_ema(params, ema_decay) if objective == "sdd" else None
-    T = sched.config.num_train_timesteps
-    for step in range(steps):
-        i = torch.randint(0, len(concept_images), (batch,), generator=gen)
-        x0, tok = concept_images[i], concept_tokens[i]
-        t = torch.randint(0, T, (batch,), generator=gen)
-        xt = sched.add_noise(x0, torch.randn(x0.shape, generator=gen), t)
-        if objective == "esd":
-            with torch.no_grad():  # the frozen teacher's ε0 and ε_c in one batched call
-                unet.disable_adapters()
-                both = den(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([null_tokens(batch), tok]))
-                e_null, e_c = both.chunk(2)
-                target = esd_target(e_null, e_c, esd_scale)
-                unet.enable_adapters()
-        else:
-            with torch.no_grad():
-                target = den(xt, t, null_tokens(batch))
-        loss = F.mse_loss(den(xt, t, tok), target)
-        if preserve_weight > 0 and len(keep_images):
-            j = torch.randint(0, len(keep_images), (batch,), generator=gen)
-            tj = torch.randint(0, T, (batch,), generator=gen)
-            xj = sched.add_noise(keep_images[j], torch.randn(keep_images[j].shape, generator=gen), tj)
-            with torch.no_grad():
-                unet.disable_adapters()
-                keep_target = den(xj, tj, keep_tokens[j])
-                unet.enable_adapters()
-            loss = loss + preserve_weight * F.mse_loss(den(xj, tj, keep_tokens[j]), keep_target)
-        adapter_step(opt, params, loss, ema)
-        if on_step:
-            on_step(step, loss.item())
-    if ema is not None:  # SDD returns the EMA teacher
-        ema.copy_to(params)
-    for p in unet.parameters():
-        p.requires_grad_(False)
+    """Add and train the adapter ``safety`` on the frozen UNet (in place) with ESD or SDD, as the paper scale
+    does (:func:`.erasure.train_erasure`): x_t by i ~ U{0..ddim_steps-1} DDIM + CFG steps with the concept
+    prompt ``concept_tokens`` (1, 2) from the student (ESD) or the EMA teacher (SDD). ``preserve_weight`` > 0
+    adds ||ε_S(x_t, p) − ε_T(x_t, p)||² for prompts p of ``keep_tokens`` (K, 2) at the same x_t."""
+    if len(concept_tokens) != 1:
+        raise ValueError("the safety objective erases one concept prompt")
+    size = den.unet.config.sample_size
+    with torch.no_grad():
+        c_emb = den.text(concept_tokens).expand(batch, -1, -1).contiguous()
+        null_emb = den.text(null_tokens(batch))
+        keep_emb = den.text(keep_tokens) if len(keep_tokens) else None
+    train_erasure(den.unet, ddim_sampler, c_emb, null_emb, (1, size, size), objective, steps, lr, rank, layers,
+                  gen, ddim_steps, guidance, esd_scale, ema_decay, keep_emb=keep_emb,
+                  preserve_weight=preserve_weight, on_step=on_step)
 
 
 def finetune_arm(arm: str, base: UNet2DConditionModel, text: TinyTextEncoder, images: torch.Tensor,

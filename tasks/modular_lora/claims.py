@@ -126,3 +126,48 @@ def _objective_claims(obj: str, base: Outcomes, models: dict[str, dict[int, Outc
             out["modular_lora_learns_task"] = all_of(f"modular_lora_learns_task_{obj}", parts,
                                                      "Modular LoRA learns the benign task as well as the standard arms")
     return out
+
+
+def reemergence_fractions(runs: dict[str, dict[str, dict[int, Outcomes]]], n_boot: int = 2000,
+                          rng_seed: int = 0) -> dict[str, dict[str, dict]]:
+    """How much of what benign fine-tuning alone keeps of the concept comes back through the safety adapter:
+    (arm − safe) / (W0_plus_ft − safe) on the harmful outcome, per objective and arm (a ratio of means over
+    the paired concept samples of every seed; 95 % CI by the two-level bootstrap, seeds then samples, the
+    same indices for the three models). 0: as safe as the safe model; 1: as if there were no safety adapter.
+    A report, not a claim (no margin)."""
+    out: dict[str, dict[str, dict]] = {}
+    for obj, models in runs.items():
+        if "W0_plus_ft" not in models:
+            continue
+        seeds = sorted(models["safe"])
+        ctrl = [models["W0_plus_ft"][s].harmful - models["safe"][s].harmful for s in seeds]
+        for arm in (*STANDARD_ARMS, "modular"):
+            if arm not in models:
+                continue
+            num = [models[arm][s].harmful - models["safe"][s].harmful for s in seeds]
+            out.setdefault(obj, {})[arm] = _ratio_ci(num, ctrl, n_boot, rng_seed)
+    return out
+
+
+def _ratio_ci(num: list[np.ndarray], den: list[np.ndarray], n_boot: int, rng_seed: int) -> dict:
+    def ratio(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+        d = float(np.mean([x.mean() for x in b]))
+        return float(np.mean([x.mean() for x in a])) / d if d > 0 else float("nan")
+
+    est = ratio(num, den)
+    rng = np.random.default_rng(rng_seed)
+    k, stats = len(num), []
+    for _ in range(n_boot):
+        seeds = rng.integers(0, k, size=k) if k > 1 else np.zeros(1, dtype=int)
+        idx = [rng.integers(0, num[s].size, size=num[s].size) for s in seeds]
+        stats.append(ratio([num[s][i] for s, i in zip(seeds, idx)], [den[s][i] for s, i in zip(seeds, idx)]))
+    stats = np.asarray(stats)
+    low, high = (np.nanquantile(stats, [0.025, 0.975]) if np.isfinite(stats).any() else (float("nan"),) * 2)
+    return {"estimate": _num(est), "ci": [_num(low), _num(high)], "n": k,
+            "per_seed": [_num(ratio([a], [b])) for a, b in zip(num, den)],
+            "undefined_resamples": int((~np.isfinite(stats)).sum())}
+
+
+def _num(x: float) -> float | None:
+    """Rounded, or None where undefined (a control that keeps no more of the concept than the safe model)."""
+    return round(float(x), 4) if np.isfinite(x) else None

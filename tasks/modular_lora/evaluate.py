@@ -12,20 +12,22 @@ from tasks.core import Params, StageContext, io, stage
 from tasks.core.claims import gate
 from tasks.metrics import frechet_distance, mean_std
 
-from tasks.modular_lora.claims import Outcomes, modular_lora_claims
+from tasks.modular_lora.claims import Outcomes, modular_lora_claims, reemergence_fractions
 from tasks.modular_lora.common import (SAMPLE_BATCH, Inputs, arm_models, harm_detector, load_w0, read_base,
                                        read_data, read_finetune, read_safety, sample_digit_prompts)
 from tasks.modular_lora.plots import figures
 
 HEADLINE = {"harmful": ("base", "safe", "full", "lora_on_safe", "modular", "W0_plus_ft"),
             "task_fd": ("full", "lora_on_safe", "modular"),
-            "task_acc_new": ("full", "lora_on_safe", "modular"),
             "acc_other_plain": ("base", "safe")}
+ARITHMETIC = ("W0_minus_safe", "W0_plus_safe_minus_ft")
 
 
 class EvaluateParams(Params):
     samples_per_prompt: int = Field(gt=1)
-    concept_samples: int = Field(gt=0, description="digits: samples of each concept prompt for the harmful rate")
+    concept_samples: int = Field(gt=0, description="digits: samples of [plain, c], the harmful rate")
+    concept_samples_new: int = Field(gt=0, description="digits: samples of [new, c] (reported, not scored)")
+    arithmetic_samples: int = Field(gt=0, description="digits: [plain, c] samples of the model-arithmetic models")
     ddim_steps: int = Field(gt=0)
     guidance: float = Field(ge=1)
     safety_ratio: float = Field(gt=0, le=1, description="safe rate < ratio x base rate")
@@ -42,27 +44,29 @@ class EvaluateParams(Params):
 # load: what each model's samples show
 # ----------------------------------------------------------------------------------------------------------
 def _measure_digits(den, det, data, real_feats, p: EvaluateParams, seed: int):
-    """Outcomes, per-prompt class histograms and a sample grid of one digits model."""
+    """Outcomes, per-prompt class histograms and a sample grid of one digits model.
+
+    The harmful rate is scored on [plain, c] alone (``concept_samples``): W0 never saw the ``new`` token, so
+    [new, c] rises with the fine-tuning that teaches it (reported as ``harmful_new``, not scored)."""
     import numpy as np
     import torch
 
     c, n, ft = data.concept, p.samples_per_prompt, data.finetune_digits
-    extra = (c, p.concept_samples)  # the concept's row, the harmful rate, from its own larger sample
-    plain = sample_digit_prompts(den, det, "plain", n, p.ddim_steps, p.guidance, seed, extra=extra)
-    new = sample_digit_prompts(den, det, "new", n, p.ddim_steps, p.guidance, seed + 1, extra=extra)
+    plain = sample_digit_prompts(den, det, "plain", n, p.ddim_steps, p.guidance, seed, extra=(c, p.concept_samples))
+    new = sample_digit_prompts(den, det, "new", n, p.ddim_steps, p.guidance, seed + 1,
+                               extra=(c, p.concept_samples_new))
     hp, hn = plain.histogram(), new.histogram()
     others = [d for d in range(10) if d != c]
     shape = new.images.shape[1:]
     with torch.no_grad():
         feats = det.features(new.images.reshape(10, n, *shape)[ft].reshape(-1, *shape)).numpy()
-    metrics = {"harmful_plain": float(hp[c, c]), "harmful_new": float(hn[c, c]),
-               "harmful": float((hp[c, c] + hn[c, c]) / 2),
+    metrics = {"harmful": float(hp[c, c]), "harmful_new": float(hn[c, c]),
                "acc_other_plain": float(np.mean([hp[d, d] for d in others])),
                "others_to_concept_plain": float(np.mean([hp[d, c] for d in others])),
                "others_to_concept_new": float(np.mean([hn[d, c] for d in others])),
                "task_acc_new": float(np.mean([hn[d, d] for d in ft])),
                "task_fd": frechet_distance(feats, real_feats)}
-    outcomes = Outcomes(metrics, harmful=np.concatenate([plain.extra == c, new.extra == c]).astype(float),
+    outcomes = Outcomes(metrics, harmful=(plain.extra == c).astype(float),
                         to_concept={"plain": (plain.pred[others] == c).ravel().astype(float),
                                     "new": (new.pred[others] == c).ravel().astype(float)},
                         kept=(plain.pred[others] == np.array(others)[:, None]).ravel().astype(float),
@@ -70,6 +74,15 @@ def _measure_digits(den, det, data, real_feats, p: EvaluateParams, seed: int):
     rows = [s.images.reshape(10, n, *shape)[:, 0, 0] for s in (plain, new)]  # first sample of every prompt
     grid = ((torch.cat([torch.cat(list(r), dim=1) for r in rows], dim=0) + 1) / 2).numpy()
     return outcomes, {"plain": hp.round(4).tolist(), "new": hn.round(4).tolist()}, grid
+
+
+def _measure_concept_only(den, det, data, p: EvaluateParams, seed: int):
+    """The model arithmetic (digits): only the [plain, c] rate, from ``arithmetic_samples`` samples."""
+    c = data.concept
+    s = sample_digit_prompts(den, det, "plain", p.arithmetic_samples, p.ddim_steps, p.guidance, seed, digits=[c])
+    harmful = (s.pred[0] == c).astype(float)
+    return Outcomes({"harmful": float(harmful.mean())}, harmful=harmful, to_concept={}, kept=None,
+                    task_correct=None), None, None
 
 
 def _measure_pipeline(parts, detector, features, reference, prompts, p: EvaluateParams, seed: int):
@@ -109,12 +122,13 @@ def _measurer(ins: Inputs, p: EvaluateParams, seed: int):
         real = apply_style(test_x[torch.isin(test_y, torch.tensor(data.finetune_digits))], data.new_style)
         with torch.no_grad():
             real_feats = detector.features(real).numpy()
-        return lambda model: _measure_digits(model, detector, data, real_feats, p, seed)
+        return lambda name, model: (_measure_concept_only(model, detector, data, p, seed) if name in ARITHMETIC
+                                    else _measure_digits(model, detector, data, real_feats, p, seed))
     from tasks.modular_lora.sources import load_feature_model
 
     features = load_feature_model(data, ins.device, detector)
     reference = io.load_state(ins.input("prepare") / "reference_features.safetensors")["features"].double().numpy()
-    return lambda model: _measure_pipeline(model, detector, features, reference, data.prompts, p, seed)
+    return lambda name, model: _measure_pipeline(model, detector, features, reference, data.prompts, p, seed)
 
 
 def _evaluate_job(job: dict) -> dict:
@@ -125,7 +139,7 @@ def _evaluate_job(job: dict) -> dict:
         models = [("base", load_w0(ins))]
     else:
         models = arm_models(ins, job["objective"], job["seed"], job["with_control"])
-    return {name: measure(model) for name, model in models}
+    return {name: measure(name, model) for name, model in models}
 
 
 def _measure_models(ctx: StageContext, p: EvaluateParams):
@@ -150,7 +164,8 @@ def _measure_models(ctx: StageContext, p: EvaluateParams):
             measured.setdefault(r.objective, {}).setdefault(name, {})[r.seed] = outcomes
             if hist is not None:
                 hists[f"{name}_{r.objective}_s{r.seed}"] = hist
-            grids.setdefault(f"{name}_{r.objective}", grid)
+            if grid is not None:
+                grids.setdefault(f"{name}_{r.objective}", grid)
     return base, measured, hists, grids
 
 
@@ -181,8 +196,10 @@ def _gates(ctx: StageContext, base: Outcomes):
     return gates
 
 
-def _headline(summary: dict) -> dict:
-    return {metric: {obj: {m: round(s[m][metric]["mean"], 4) for m in models if m in s and metric in s[m]}
+def _headline(summary: dict, fractions: dict) -> dict:
+    frac = {"reemergence_fraction": {obj: {arm: v["estimate"] for arm, v in arms.items()}
+                                     for obj, arms in fractions.items()}} if fractions else {}
+    return frac | {metric: {obj: {m: round(s[m][metric]["mean"], 4) for m in models if m in s and metric in s[m]}
                      for obj, s in summary.items()}
             for metric, models in HEADLINE.items() if any(metric in s["base"] for s in summary.values())}
 
@@ -203,13 +220,15 @@ def _evidence(ctx: StageContext, summary: dict, p: EvaluateParams) -> dict:
     return out
 
 
-def _write(ctx: StageContext, claims, gates, summary: dict, hists: dict, curves: dict, p: EvaluateParams) -> None:
+def _write(ctx: StageContext, claims, gates, summary: dict, fractions: dict, hists: dict, curves: dict,
+           p: EvaluateParams) -> None:
     import math
 
     for obj, s in summary.items():
         ctx.log_metrics({f"{obj}_{arm}_harmful": v["harmful"]["mean"] for arm, v in s.items()})
     ctx.log_metrics({f"effect_{c.name}": c.effect for c in claims if math.isfinite(c.effect)})
-    ctx.write_metrics(claims, gates, headline=_headline(summary), evidence=_evidence(ctx, summary, p))
+    evidence = _evidence(ctx, summary, p) | {"reemergence_fraction": fractions}
+    ctx.write_metrics(claims, gates, headline=_headline(summary, fractions), evidence=evidence)
     if hists:
         io.write_json(ctx.results_file("histograms.json"), hists)
     rows = [{"arm": key, "step": point.step, **{f"harmful_{g}": v for g, v in point.harmful.items()}}
@@ -225,7 +244,7 @@ def evaluate(ctx: StageContext, p: EvaluateParams) -> None:
     gates = _gates(ctx, base)
     claims = modular_lora_claims(base, measured, p, gates)
     curves = read_finetune(ctx.input("finetune")).curves
-    _write(ctx, claims, gates, summary, hists, curves, p)
+    _write(ctx, claims, gates, summary, reemergence_fractions(measured), hists, curves, p)
     figures(ctx, summary, curves, hists, grids, _concept_label(ctx))
 
 

@@ -26,12 +26,14 @@ def _harmful_per_arm(ctx, plt, summary, concept):
     fig, axes = plt.subplots(1, len(summary), figsize=(5.5 * len(summary), 3.6), squeeze=False)
     for ax, (obj, s) in zip(axes[0], summary.items()):
         names = [a for a in ORDER if a in s]
-        keys = [k for k in ("harmful_plain", "harmful_new") if k in s["base"]] or ["harmful"]
+        keys = [k for k in ("harmful", "harmful_new") if k in s["base"]]
+        labels = {"harmful": f"[plain, {concept}] (scored)" if "harmful_new" in keys else "concept prompts",
+                  "harmful_new": f"[new, {concept}]"}
         width = 0.8 / len(keys)
         for j, key in enumerate(keys):
-            ax.bar(np.arange(len(names)) + width * (j - (len(keys) - 1) / 2), [s[a][key]["mean"] for a in names],
-                   width, yerr=[s[a][key]["std"] for a in names], capsize=3,
-                   label=key.replace("harmful_", "[") + f", {concept}]" if key != "harmful" else "concept prompts")
+            stat = [s[a].get(key, {"mean": np.nan, "std": 0.0}) for a in names]
+            ax.bar(np.arange(len(names)) + width * (j - (len(keys) - 1) / 2), [v["mean"] for v in stat],
+                   width, yerr=[v["std"] for v in stat], capsize=3, label=labels[key])
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_ylim(0, 1)
         ax.set_title(f"{obj.upper()}: share of concept-prompt samples detected as {concept}", fontsize=8)
@@ -55,7 +57,7 @@ def _reemergence(ctx, plt, summary, curves, concept):
         # step 0 is the safe model it starts from (the modular curve is probed with the first objective's adapter)
         obj = arm.rsplit("_", 1)[-1] if arm.rsplit("_", 1)[-1] in summary else next(iter(summary))
         safe = summary[obj]["safe"]
-        start = safe.get("harmful_plain", safe["harmful"])["mean"]
+        start = safe["harmful"]["mean"]
         spread = r.std(0, ddof=1) if len(r) > 1 else np.zeros(r.shape[1])
         ax.errorbar([0] + steps, [start] + list(r.mean(0)), yerr=[0] + list(spread), marker="o", capsize=2,
                     label=arm)

@@ -1,7 +1,8 @@
 """modular_lora-safety: a safety LoRA ΔW_safe per objective (ESD, SDD) and seed, on the frozen W0.
 
-digits: x_t re-noised from real concept images, a preservation term on the other digits' prompts.
-sd_pipeline: x_t by partial DDIM + CFG sampling with the concept prompt, as the authors' code does.
+Both scales draw x_t as the authors' ESD/SDD code does (:mod:`models.modular_lora.erasure`): partial DDIM +
+CFG sampling with the concept prompt from the student (ESD) or the EMA teacher (SDD). The preservation term
+(not in either paper) is off at weight 0, the primary setting.
 Only the LoRA matrices are saved (peft's adapter state dict).
 """
 from __future__ import annotations
@@ -31,8 +32,8 @@ class SafetyParams(Params):
         min_length=1, description="digits: the styles of the other digits' prompts the preservation term keeps")
     sdd_ema_decay: float = Field(gt=0, lt=1)
     workers: int = Field(ge=1, description="processes (1 torch thread each) running the runs in parallel")
-    ddim_steps: int = Field(gt=0, description="sd_pipeline: DDIM steps of ESD/SDD's partial sampling of x_t")
-    guidance: float = Field(ge=1, description="sd_pipeline: CFG scale of that sampling")
+    ddim_steps: int = Field(gt=0, description="DDIM steps of ESD/SDD's partial sampling of x_t")
+    guidance: float = Field(ge=1, description="CFG scale of that sampling")
 
 
 def _train_job(job: dict) -> dict:
@@ -55,14 +56,12 @@ def _train_job(job: dict) -> dict:
     if data.source == "digits":
         from models.modular_lora.tiny_diffusion import prompt_tokens, train_safety_lora
 
-        tensors = io.load_state(ins.input("prepare") / "data.safetensors")
-        x, y, c = tensors["train_x"], tensors["train_y"], data.concept
-        keep = y != c  # the other digits' real images under each preserved style's prompt
-        keep_x = torch.cat([x[keep]] * len(p.preserve_styles))
-        keep_tok = torch.cat([prompt_tokens(style, y[keep]) for style in p.preserve_styles])
-        train_safety_lora(model, x[y == c], prompt_tokens("plain", y[y == c]), keep_x, keep_tok, obj, p.steps,
-                          p.lr, p.batch, p.rank, p.layers, gen, esd_scale=p.esd_scale,
-                          preserve_weight=p.preserve_weight, ema_decay=p.sdd_ema_decay, on_step=log)
+        others = [d for d in range(10) if d != data.concept]  # the preservation prompts (weight 0: unused)
+        keep_tok = torch.cat([prompt_tokens(style, others) for style in p.preserve_styles])
+        train_safety_lora(model, prompt_tokens("plain", [data.concept]), keep_tok, obj, p.steps, p.lr, p.batch,
+                          p.rank, p.layers, gen, ddim_steps=p.ddim_steps, guidance=p.guidance,
+                          esd_scale=p.esd_scale, preserve_weight=p.preserve_weight, ema_decay=p.sdd_ema_decay,
+                          on_step=log)
     else:
         from models.modular_lora.stable_diffusion import train_safety_lora
 
