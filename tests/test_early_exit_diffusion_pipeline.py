@@ -132,7 +132,7 @@ def test_ase_must_beat_the_fewer_steps_full_model_on_every_sampler():
     from tasks.early_exit_diffusion.evaluate import equal_compute_steps
 
     assert [equal_compute_steps(b, 6) for b in (105, 61, 210, 102)] == [18, 10, 35, 17]
-    assert equal_compute_steps(2, 6) == 1
+    assert equal_compute_steps(2, 6) == 1 and equal_compute_steps(210, 12) == 18  # guidance: 2 x 6 per step
     fd = {**GOOD_FD, "full_fewer_steps": {"ddim": 12.0, "ddpm": 10.4}}  # ddpm: ASE 10.3 vs 10.4, noise 1%
     out = _claims(_rows(fd, GOOD_SPEED))
     parts = out["claims_detail"]["ase_beats_fewer_steps"]["parts"]

@@ -163,7 +163,8 @@ def evaluate_seed(job: dict) -> dict:
                          p.guidance_scale, null_label, device, warmup=True)
     steps = {(sampler, v): n for sampler, n in p.samplers.items() for v in dens}
     for sampler in p.samplers:  # the practitioner's first baseline: the full model at ASE's compute
-        n = equal_compute_steps(grid[(seed, sampler, "ase")]["blocks_per_image"], len(base.transformer_blocks))
+        per_step = grid[(seed, sampler, "full")]["blocks_per_image"] / p.samplers[sampler]  # x2 with guidance
+        n = equal_compute_steps(grid[(seed, sampler, "ase")]["blocks_per_image"], per_step)
         dens[FEWER], steps[(sampler, FEWER)] = EarlyExitDenoiser(base, variant_schedule("full", base, blocks)), n
         grid.update(sampling_grid({FEWER: dens[FEWER]}, {sampler: n}, labels, tuple(meta.shape), [seed],
                                   p.batch_size, p.guidance_scale, null_label, device, warmup=False))
@@ -187,9 +188,10 @@ def evaluate_seed(job: dict) -> dict:
 FEWER = "full_fewer_steps"  # the full model with fewer solver steps, at ASE's block evaluations per image
 
 
-def equal_compute_steps(ase_blocks_per_image: float, num_layers: int) -> int:
-    """Solver steps of the full model that come nearest to ASE's block evaluations per image (ties up)."""
-    return max(1, int(ase_blocks_per_image / num_layers + 0.5))
+def equal_compute_steps(ase_blocks_per_image: float, full_blocks_per_step: float) -> int:
+    """Solver steps of the full model that come nearest to ASE's block evaluations per image (ties up);
+    ``full_blocks_per_step`` is the depth, twice it with classifier-free guidance."""
+    return max(1, int(ase_blocks_per_image / full_blocks_per_step + 0.5))
 
 
 def per_seed_ratios(rows: list[dict], sampler: str, variant: str, reference: str, key: str) -> list[float]:
