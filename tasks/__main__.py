@@ -43,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
                                     "reason of an untestable claim.")
     cl.add_argument("--readme", action="store_true",
                     help="rewrite the README's generated results table instead of printing")
+    sd = sub.add_parser("seeds", help="re-run a paper under other global seeds and compare its verdicts",
+                        description="Re-run <paper>'s pipeline once per extra global `seed`, each in a "
+                                    "temporary copy of the workspace (the workspace is not touched), and "
+                                    "compare every claim's verdict with the committed run's. Writes "
+                                    "results/seed_checks/<paper>.json and prints a table. Takes the "
+                                    "paper's CPU time once per seed.")
+    sd.add_argument("paper", help="paper id, e.g. lowprec_ensemble")
+    sd.add_argument("--seeds", type=int, nargs="+", default=[1000, 2000],
+                    help="global seeds besides params.yaml's (default: 1000 2000)")
     return parser
 
 
@@ -83,6 +92,18 @@ def main(argv: list[str] | None = None) -> int:
             run_stage(args.paper, args.stage, track=not args.no_mlflow)
         elif args.command == "claims":
             _claims(args.readme)
+        elif args.command == "seeds":
+            from .core.settings import find_root
+            from .seedcheck import seed_check, table
+
+            try:
+                result = seed_check(find_root(), args.paper, args.seeds, log=lambda m: print(m, file=sys.stderr))
+            except RuntimeError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            print(table(result), end="")
+            print(f"verdicts {'unchanged' if result['same'] else 'CHANGED: ' + ', '.join(result['changed'])} "
+                  f"across seeds {result['seeds']}")
         elif args.command == "list":
             _list(args.paper)
         elif args.command == "scale":

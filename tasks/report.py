@@ -57,16 +57,31 @@ def claims_table(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_cell(root: Path, paper: str, metrics: dict) -> str:
+    """Whether the verdicts stayed the same under the extra global seeds of ``python -m tasks seeds``."""
+    path = root / "results" / "seed_checks" / f"{paper}.json"
+    if not path.is_file():
+        return "not checked"
+    check = json.loads(path.read_text())
+    if check["runs"][0]["claims"] != metrics.get("claims", {}):
+        return "stale (re-run `python -m tasks seeds`)"
+    seeds = ", ".join(str(s) for s in check["seeds"])
+    if check["same"]:
+        return f"same ({seeds})"
+    return f"changed ({seeds}): " + ", ".join(f"`{c}`" for c in check["changed"])
+
+
 def readme_table(root: Path) -> str:
-    lines = ["| paper | id | holds (CI beyond the margin) | not shown | untestable (gate failed) | docs |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| paper | id | holds (CI beyond the margin) | not shown | untestable (gate failed) | "
+             "verdicts under other seeds | docs |",
+             "|---|---|---|---|---|---|---|"]
     for paper, metrics in load_metrics(root).items():
         cells = {True: [], False: [], None: []}
         for name, verdict in metrics.get("claims", {}).items():
             cells[verdict].append(f"`{name}`")
         lines.append(f"| {paper_title(root, paper)} | `{paper}` | {', '.join(cells[True]) or '—'} | "
                      f"{', '.join(cells[False]) or '—'} | {', '.join(cells[None]) or '—'} | "
-                     f"[docs](docs/{paper}.md) |")
+                     f"{seed_cell(root, paper, metrics)} | [docs](docs/{paper}.md) |")
     return "\n".join(lines) + "\n"
 
 

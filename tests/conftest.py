@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("PAPERFLOWS_NO_PROGRESS", "1")
 os.environ.setdefault("PAPERFLOWS_THREADS", "1")  # tiny smoke models: threads only add overhead
-os.environ.setdefault("PAPERFLOWS_STAGE_SERVER_IDLE", "120")  # the suite's stage server leaves soon after it
+os.environ.setdefault("PAPERFLOWS_STAGE_SERVER_IDLE", "120")
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # stages write __pycache__ beside their code, as for users  # the suite's stage server leaves soon after it
 
 
 def project_files(root: Path = ROOT) -> list[str]:
