@@ -16,6 +16,7 @@ Pure torch: no file I/O, no tracking.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -281,6 +282,19 @@ class FitConfig:
     label_dropout: float
     freeze_time_embedder: bool
     grad_clip: float | None
+    lr_schedule: str = "constant"  # after the warm-up: "constant" or "cosine" (to zero at the last step)
+
+
+def lr_factor(step: int, cfg: FitConfig) -> float:
+    """The learning-rate multiplier at ``step``: linear warm-up, then constant or a cosine decay to zero."""
+    warm = max(cfg.warmup_steps, 0)
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, cfg.steps - warm))))
+    raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}: expected constant or cosine")
 
 
 def fit_denoiser(model: nn.Module, schedule: ExitSchedule, noise_scheduler, x: torch.Tensor,
@@ -288,7 +302,7 @@ def fit_denoiser(model: nn.Module, schedule: ExitSchedule, noise_scheduler, x: t
                  on_step: Callable[[int, float], None] | None = None, steps_iter: Iterable[int] | None = None):
     """Train ``model`` in place for ``schedule`` (pretraining: the full schedule; ASE: the exit schedule).
 
-    AdamW with linear warm-up; EMA of the weights via diffusers' ``EMAModel`` (with its warm-up so
+    AdamW with linear warm-up (then constant or cosine, ``lr_factor``); EMA of the weights via diffusers' ``EMAModel`` (with its warm-up so
     early averages are not dominated by the initial weights).  Returns the EMA model (a copy).
     """
     import copy
@@ -301,8 +315,7 @@ def fit_denoiser(model: nn.Module, schedule: ExitSchedule, noise_scheduler, x: t
     else:
         params = [prm for prm in model.parameters() if prm.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = max(cfg.warmup_steps, 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     ema = EMAModel(model.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
     model.train()
     n = x.shape[0]
@@ -474,6 +487,6 @@ def count_parameters(model: nn.Module) -> int:
 __all__ = [
     "PAPER_DIT_XL2_SCHEDULE", "ExitSchedule", "schedule_for", "early_exit_forward", "EarlyExitDenoiser",
     "block_evaluations_per_image", "dit_init_", "disable_per_block_label_dropout", "drop_labels",
-    "freeze_time_embedders", "noise_prediction_loss", "FitConfig", "fit_denoiser", "sample",
+    "freeze_time_embedders", "noise_prediction_loss", "FitConfig", "lr_factor", "fit_denoiser", "sample",
     "make_scheduler", "sampling_grid", "SAMPLERS", "tiny_dit", "count_parameters",
 ]

@@ -265,3 +265,19 @@ def test_ase_finetuning_lowers_the_early_exit_loss_below_naive_exiting():
     ase = eed.fit_denoiser(copy.deepcopy(base), exits, noise, x, y,
                            eed.FitConfig(**{**cfg.__dict__, "steps": 40}), torch.Generator().manual_seed(1))
     assert loss(ase) < 0.9 * naive
+
+
+def test_lr_factor_warms_up_then_holds_or_decays_to_zero():
+    from models.early_exit_diffusion import lr_factor
+
+    def cfg(schedule):
+        return FitConfig(steps=110, batch_size=1, lr=1.0, weight_decay=0.0, warmup_steps=10, ema_decay=0.9,
+                         label_dropout=0.0, freeze_time_embedder=False, grad_clip=None, lr_schedule=schedule)
+
+    const, cos = cfg("constant"), cfg("cosine")
+    assert [lr_factor(s, const) for s in (0, 4, 9, 10, 109)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(4, cos) == 0.5 and lr_factor(10, cos) == 1.0
+    assert lr_factor(60, cos) == pytest.approx(0.5) and lr_factor(110, cos) == pytest.approx(0.0, abs=1e-12)
+    assert all(lr_factor(s, cos) >= lr_factor(s + 1, cos) for s in range(10, 110))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_factor(20, cfg("linear"))

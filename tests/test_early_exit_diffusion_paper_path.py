@@ -35,14 +35,16 @@ def test_paper_path_finetunes_and_samples_a_saved_dit(tmp_path):
             "pretrain": {"init": "pretrained", "model_dir": str(tmp_path / "DiT"), "subfolder": "transformer",
                          "num_layers": 6, "hidden": 64, "heads": 4, "patch_size": 4,
                          "steps": 0, "batch_size": 8, "lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 0,
-                         "grad_clip": 1.0, "ema_decay": 0.999, "label_dropout": 0.1},
-            "finetune": {"schedule": [4, 4, 3, 3, 2, 2, 1, 1, 1, 1], "variants": ["ase", "reversed"], "steps": 2,
-                         "batch_size": 8, "lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 1.0,
+                         "lr_schedule": "constant", "grad_clip": 1.0, "ema_decay": 0.999, "label_dropout": 0.1},
+            "finetune": {"schedule": [4, 4, 3, 3, 2, 2, 1, 1, 1, 1], "variants": ["ase", "reversed", "uniform"],
+                         "steps": 2, "batch_size": 8, "lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 0,
+                         "lr_schedule": "cosine", "grad_clip": 1.0,
                          "ema_decay": 0.9999, "label_dropout": 0.1, "freeze_time_embedder": True, "seeds": [0],
                          "workers": 1},
             "evaluate": {"samplers": {"ddpm": 3, "ddim": 3, "dpm_solver": 3}, "num_images": 10, "batch_size": 5,
                          "guidance_scale": 1.5, "speedup_threshold": 1.25, "quality_tolerance": 1.1,
-                         "finetuning_fd_ratio": 1.0, "direction_fd_ratio": 1.0, "base_label_accuracy_min": 0.85,
+                         "finetuning_fd_ratio": 1.0, "direction_fd_ratio": 1.0, "fewer_steps_fd_ratio": 1.0,
+                         "base_label_accuracy_min": 0.85,
                          "base_fd_ratio_max": 3.0, "grid_sampler": "ddim", "workers": 1},
         },
     }
@@ -72,6 +74,8 @@ def test_paper_path_finetunes_and_samples_a_saved_dit(tmp_path):
         # guidance doubles the batch: 2 x blocks per step
         assert variants["full"]["blocks_per_image"] == 2 * 4 * 3
         assert variants["ase"]["blocks_per_image"] < variants["full"]["blocks_per_image"]
+        # the equal-compute baseline counts guidance too: within half a (guided) step of ASE's blocks
+        assert abs(variants["full_fewer_steps"]["blocks_per_image"] - variants["ase"]["blocks_per_image"]) <= 4
 
 
 def test_missing_pretrained_folder_is_a_clear_error(tmp_path):

@@ -12,7 +12,7 @@ from tasks.core.errors import ParamsError
 from tests.conftest import ROOT, dvc
 
 PAPER = "early_exit_diffusion"
-CLAIMS = {"ase_faster", "ase_quality_kept", "finetuning_needed", "schedule_direction_matters"}
+CLAIMS = {"ase_faster", "ase_quality_kept", "finetuning_needed", "schedule_direction_matters", "ase_beats_fewer_steps"}
 QUALITY_CLAIMS = CLAIMS - {"ase_faster"}
 GATES = {"base_label_accuracy": (">=", 0.85), "base_fd_ratio": ("<=", 3.0)}
 
@@ -33,11 +33,15 @@ def check_results(repo):
             assert m["claims"][name] is None and "gate" in m["claims_detail"][name]["reason"]
     assert len(ev["seeds"]) == m["claims_detail"]["ase_faster"]["n"]
     for sampler, variants in ev["summary"].items():
-        assert {"full", "naive", "ase", "reversed"} <= set(variants)
+        assert {"full", "naive", "ase", "reversed", "uniform", "full_fewer_steps"} <= set(variants)
         # the schedule saves block evaluations; the full model runs every block at every step
         assert variants["ase"]["blocks_per_image"] < variants["full"]["blocks_per_image"]
         assert variants["naive"]["blocks_per_image"] == variants["ase"]["blocks_per_image"]
         assert variants["full"]["blocks_per_image"] == ev["num_layers"] * ev["samplers"][sampler]
+        # the equal-compute baseline: the full model with fewer steps, within half a step of ASE's blocks
+        fewer = variants["full_fewer_steps"]["blocks_per_image"]
+        assert fewer < variants["full"]["blocks_per_image"]
+        assert abs(fewer - variants["ase"]["blocks_per_image"]) <= ev["num_layers"] / 2
         ratios = ev["speed_ratios_per_seed"][sampler]["ase"]
         assert ev["claims"]["ase_faster"]["parts"][sampler]["effect"] == pytest.approx(np.mean(ratios), abs=1e-5)
         assert m["headline"][sampler]["fd_proxy_ase"] == variants["ase"]["fd_proxy"]
@@ -77,7 +81,7 @@ def _claims(rows, samplers=("ddim", "ddpm"), gates=()):
     from tasks.early_exit_diffusion.evaluate import compute_claims
 
     claims = compute_claims(rows, list(samplers), speedup=1.25, quality=1.10, finetuning=1.0, direction=1.0,
-                            gates=gates)
+                            fewer_steps=1.0, gates=gates)
     metrics, evidence = payload(claims, gates)
     for name, detail in metrics["claims_detail"].items():  # what the pipeline test re-derives
         assert rederive(detail) == metrics["claims"][name]
@@ -91,8 +95,10 @@ def _same(values: dict) -> dict:
     return {v: {"ddim": x, "ddpm": x} for v, x in values.items()}
 
 
-GOOD_FD = _same({"full": 10.0, "naive": 30.0, "ase": 10.3, "reversed": 20.0, "full_control": 9.0})
-GOOD_SPEED = _same({"full": 100.0, "naive": 140.0, "ase": 140.0, "reversed": 140.0, "full_control": 100.0})
+GOOD_FD = _same({"full": 10.0, "naive": 30.0, "ase": 10.3, "reversed": 20.0, "full_control": 9.0,
+                 "full_fewer_steps": 12.0})
+GOOD_SPEED = _same({"full": 100.0, "naive": 140.0, "ase": 140.0, "reversed": 140.0, "full_control": 100.0,
+                    "full_fewer_steps": 140.0})
 
 
 def test_a_poisoned_param_fails_the_repro_and_keeps_every_output(smoke_repo):
@@ -105,7 +111,8 @@ def test_a_poisoned_param_fails_the_repro_and_keeps_every_output(smoke_repo):
 def test_claims_follow_the_numbers_for_every_sampler():
     out = _claims(_rows(GOOD_FD, GOOD_SPEED))
     assert out["claims"] == {"ase_faster": True, "ase_quality_kept": True, "finetuning_needed": True,
-                             "schedule_direction_matters": True, "ase_quality_kept_vs_equal_steps_full": False}
+                             "schedule_direction_matters": True, "ase_quality_kept_vs_equal_steps_full": False,
+                             "ase_beats_fewer_steps": True}
     detail = out["claims_detail"]["ase_faster"]
     assert detail["n"] == 3 and detail["margin"] == 1.25 and detail["ci"][0] > 1.25
     assert detail["effect"] == pytest.approx(1.4, abs=0.05)
@@ -118,6 +125,22 @@ def test_one_slow_sampler_fails_the_speed_claim():
     assert out["claims"]["ase_faster"] is False and out["claims"]["ase_quality_kept"] is False
     parts = out["claims_detail"]["ase_faster"]["parts"]
     assert parts["ddim"]["verdict"] is True and parts["ddpm"]["verdict"] is False
+
+
+def test_ase_must_beat_the_fewer_steps_full_model_on_every_sampler():
+    """ASE's FD-proxy over the equal-compute fewer-steps full model's, per seed, CI below 1 on every sampler."""
+    from tasks.early_exit_diffusion.evaluate import equal_compute_steps
+
+    assert [equal_compute_steps(b, 6) for b in (105, 61, 210, 102)] == [18, 10, 35, 17]
+    assert equal_compute_steps(2, 6) == 1 and equal_compute_steps(210, 12) == 18  # guidance: 2 x 6 per step
+    fd = {**GOOD_FD, "full_fewer_steps": {"ddim": 12.0, "ddpm": 10.4}}  # ddpm: ASE 10.3 vs 10.4, noise 1%
+    out = _claims(_rows(fd, GOOD_SPEED))
+    parts = out["claims_detail"]["ase_beats_fewer_steps"]["parts"]
+    assert parts["ddim"]["verdict"] is True and parts["ddpm"]["verdict"] is False
+    assert out["claims"]["ase_beats_fewer_steps"] is False
+    assert out["claims_detail"]["ase_beats_fewer_steps"]["weakest_part"] == "ddpm"
+    worse = {**GOOD_FD, "full_fewer_steps": {"ddim": 9.0, "ddpm": 9.0}}
+    assert _claims(_rows(worse, GOOD_SPEED))["claims"]["ase_beats_fewer_steps"] is False
 
 
 def test_a_mean_past_the_margin_is_not_enough_when_the_seeds_disagree():
@@ -145,7 +168,7 @@ def test_a_base_that_draws_noise_makes_the_quality_claims_untestable():
 
     out = _claims(_rows(GOOD_FD, GOOD_SPEED), gates=failed)
     assert out["claims"]["ase_faster"] is True  # speed needs no quality gate
-    for name in QUALITY_CLAIMS | {"ase_quality_kept_vs_equal_steps_full"}:
+    for name in QUALITY_CLAIMS | {"ase_quality_kept_vs_equal_steps_full"}:  # ase_beats_fewer_steps too
         assert out["claims"][name] is None
         assert "base_label_accuracy" in out["claims_detail"][name]["reason"]
     assert set(out["gates"]) == set(GATES)

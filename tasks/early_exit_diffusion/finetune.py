@@ -23,6 +23,8 @@ class FinetuneParams(Params):
     lr: float = Field(gt=0)
     weight_decay: float = Field(ge=0)
     warmup_steps: int = Field(ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(description="after the warm-up: constant, or a cosine "
+                                                                   "decay to zero at the last step")
     grad_clip: float | None = Field(gt=0, description="gradient-norm clip; null: none")
     ema_decay: float = Field(gt=0, lt=1)
     label_dropout: float = Field(ge=0, lt=1)
@@ -82,7 +84,8 @@ def finetune_one(job: dict) -> dict:
     sched = variant_schedule(name, base, p.schedule)
     x, y = data["x_train"].float().to(device), data["y_train"].to(device)
     cfg = FitConfig(steps=p.steps, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                    warmup_steps=p.warmup_steps, ema_decay=p.ema_decay, label_dropout=p.label_dropout,
+                    warmup_steps=p.warmup_steps, lr_schedule=p.lr_schedule, ema_decay=p.ema_decay,
+                    label_dropout=p.label_dropout,
                     freeze_time_embedder=p.freeze_time_embedder, grad_clip=p.grad_clip)
     tag = f"{name}_seed{seed}"
     torch.manual_seed(seed)

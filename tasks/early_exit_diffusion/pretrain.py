@@ -27,6 +27,8 @@ class PretrainParams(Params):
     lr: float = Field(gt=0)
     weight_decay: float = Field(ge=0, description="AdamW weight decay")
     warmup_steps: int = Field(ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(description="after the warm-up: constant, or a cosine "
+                                                                   "decay to zero at the last step")
     grad_clip: float | None = Field(gt=0, description="gradient-norm clip; null: none")
     ema_decay: float = Field(gt=0, lt=1)
     label_dropout: float = Field(ge=0, lt=1, description="classifier-free guidance label dropout")
@@ -88,7 +90,8 @@ def _train_from_scratch(ctx: StageContext, p: PretrainParams, data: dict, meta, 
             ctx.log_metrics({"pretrain_loss": float(np.mean(losses[-50:]))}, step=i)
 
     cfg = FitConfig(steps=p.steps, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                    warmup_steps=p.warmup_steps, ema_decay=p.ema_decay, label_dropout=p.label_dropout,
+                    warmup_steps=p.warmup_steps, lr_schedule=p.lr_schedule, ema_decay=p.ema_decay,
+                    label_dropout=p.label_dropout,
                     freeze_time_embedder=False, grad_clip=p.grad_clip)
     return fit_denoiser(model, schedule_for(model, None), make_scheduler("ddpm", **noise_scheduler_config()), x, y,
                         cfg, torch.Generator(device="cpu").manual_seed(ctx.seed), on_step=on_step,
