@@ -68,7 +68,15 @@ def seed_cell(root: Path, paper: str, metrics: dict) -> str:
     seeds = ", ".join(str(s) for s in check["seeds"])
     if check["same"]:
         return f"same ({seeds})"
-    return f"changed ({seeds}): " + ", ".join(f"`{c}`" for c in check["changed"])
+    verdicts = check["verdicts"]
+    flipped = [c for c in check["changed"] if len({v for v in verdicts[c] if v is not None}) > 1]
+    null_seeds = sorted({s for c in check["changed"] for s, v in zip(check["seeds"], verdicts[c]) if v is None})
+    parts = []
+    if flipped:
+        parts.append("flipped: " + ", ".join(f"`{c}`" for c in flipped))
+    if null_seeds:
+        parts.append(f"a gate failed under seed {', '.join(map(str, null_seeds))} (claims null there)")
+    return f"changed ({seeds}): " + "; ".join(parts)
 
 
 def readme_table(root: Path) -> str:

@@ -49,5 +49,9 @@ def test_readme_seed_column_reads_the_check_and_spots_a_stale_one(tmp_path):
     path.parent.mkdir(parents=True)
     runs = [{"seed": 0, "claims": {"a": True, "b": False}}, {"seed": 1000, "claims": {"a": True, "b": True}}]
     path.write_text(json.dumps({**compare(runs), "runs": runs}))
-    assert seed_cell(tmp_path, PAPER, metrics) == "changed (0, 1000): `b`"
+    assert seed_cell(tmp_path, PAPER, metrics) == "changed (0, 1000): flipped: `b`"
+    runs[1]["claims"] = {"a": None, "b": False}  # a gate failed under seed 1000
+    path.write_text(json.dumps({**compare(runs), "runs": runs}))
+    assert seed_cell(tmp_path, PAPER, metrics) == ("changed (0, 1000): a gate failed under seed 1000 "
+                                                   "(claims null there)")
     assert seed_cell(tmp_path, PAPER, {"claims": {"a": False, "b": False}}).startswith("stale")
