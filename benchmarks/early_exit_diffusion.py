@@ -44,10 +44,12 @@ def main(argv=None) -> int:
     n = args.num_images or ev["num_images"]
     bs = args.batch_size or ev["batch_size"]
     art = ROOT / "artifacts" / "early_exit_diffusion"
-    if not args.random_init and (art / "pretrain" / "model").is_dir() and (art / "finetune" / "ase_seed0").is_dir():
+    if not args.random_init and (art / "pretrain" / "meta.json").is_file() and (art / "finetune" / "ase_seed0").is_dir():
         from diffusers import DiTTransformer2DModel
 
-        full_model = DiTTransformer2DModel.from_pretrained(str(art / "pretrain" / "model")).eval()
+        from tasks.early_exit_diffusion.common import base_dir
+
+        full_model = DiTTransformer2DModel.from_pretrained(str(base_dir(art / "pretrain", 0))).eval()
         ase_model = DiTTransformer2DModel.from_pretrained(str(art / "finetune" / "ase_seed0")).eval()
         source = "trained artifacts"
     else:

@@ -35,7 +35,8 @@ def test_paper_path_finetunes_and_samples_a_saved_dit(tmp_path):
             "pretrain": {"init": "pretrained", "model_dir": str(tmp_path / "DiT"), "subfolder": "transformer",
                          "num_layers": 6, "hidden": 64, "heads": 4, "patch_size": 4,
                          "steps": 0, "batch_size": 8, "lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 0,
-                         "lr_schedule": "constant", "grad_clip": 1.0, "ema_decay": 0.999, "label_dropout": 0.1},
+                         "lr_schedule": "constant", "grad_clip": 1.0, "ema_decay": 0.999, "label_dropout": 0.1,
+                         "seeds": [0], "workers": 1},
             "finetune": {"schedule": [4, 4, 3, 3, 2, 2, 1, 1, 1, 1], "variants": ["ase", "reversed", "uniform"],
                          "steps": 2, "batch_size": 8, "lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 0,
                          "lr_schedule": "cosine", "grad_clip": 1.0,
@@ -53,7 +54,11 @@ def test_paper_path_finetunes_and_samples_a_saved_dit(tmp_path):
     for name in ("prepare", "pretrain", "finetune", "evaluate"):
         run_stage(PAPER, name, root=root, params=params, track=False)
 
-    loaded = DiTTransformer2DModel.from_pretrained(root / "artifacts" / PAPER / "pretrain" / "model")
+    from tasks.early_exit_diffusion.common import base_dir
+
+    pre = root / "artifacts" / PAPER / "pretrain"
+    assert base_dir(pre, 0) == base_dir(pre, 7) == pre / "model"  # the loaded DiT serves every seed
+    loaded = DiTTransformer2DModel.from_pretrained(pre / "model")
     for a, b in zip(loaded.parameters(), dit.parameters()):  # the pretrained weights came through unchanged
         assert torch.equal(a, b)
     tuned = DiTTransformer2DModel.from_pretrained(root / "artifacts" / PAPER / "finetune" / "ase_seed0")

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from tasks.core.claims import payload, rederive
@@ -14,7 +15,7 @@ from tests.conftest import ROOT, dvc
 PAPER = "early_exit_diffusion"
 CLAIMS = {"ase_faster", "ase_quality_kept", "finetuning_needed", "schedule_direction_matters", "ase_beats_fewer_steps"}
 QUALITY_CLAIMS = CLAIMS - {"ase_faster"}
-GATES = {"base_label_accuracy": (">=", 0.85), "base_fd_ratio": ("<=", 3.0)}
+GATES = {"base_quality": (">=", 1.0)}
 
 
 def check_results(repo):
@@ -56,6 +57,13 @@ def test_pipeline_at_smoke_scale_through_dvc_repro(smoke_repo):
     dvc(smoke_repo, "repro", f"{PAPER}-evaluate")
     m, ev = check_results(smoke_repo)
     assert ev["seeds"] == [0, 1]
+    # one base per seed, trained with its own seed; the gate looked at every base
+    from diffusers import DiTTransformer2DModel
+
+    pre = smoke_repo / "artifacts" / PAPER / "pretrain"
+    b0, b1 = (DiTTransformer2DModel.from_pretrained(pre / f"model_seed{s}") for s in (0, 1))
+    assert not all(torch.equal(a, b) for a, b in zip(b0.parameters(), b1.parameters()))
+    assert {k.split("/")[0] for k in ev["base_quality"]["per_seed"]} == {"0", "1"}
     assert m["claims"]["ase_faster"] in (True, False)  # two seeds: a confidence interval, a verdict
     again = dvc(smoke_repo, "repro", f"{PAPER}-evaluate")
     assert "didn't change" in again.stdout or "up to date" in again.stdout
@@ -153,25 +161,44 @@ def test_a_mean_past_the_margin_is_not_enough_when_the_seeds_disagree():
 
 
 def test_a_base_that_draws_noise_makes_the_quality_claims_untestable():
-    from tasks.early_exit_diffusion.evaluate import base_quality_gates
+    from tasks.early_exit_diffusion.evaluate import base_quality_gate
 
-    def summary(acc, fd):
-        return {s: {"full": {"label_accuracy": acc, "fd_proxy": fd}} for s in ("ddim", "ddpm")}
+    def rows(accs, fds):  # one base per seed: its full model's samples on two samplers
+        return [{"seed": seed, "sampler": s, "variant": "full", "label_accuracy": a, "fd_proxy": f}
+                for seed, (a, f) in enumerate(zip(accs, fds)) for s in ("ddim", "ddpm")]
 
-    failed = base_quality_gates(summary(0.15, 455.0), floor=9.0, min_accuracy=0.85, max_fd_ratio=3.0)
-    assert [(g.name, g.passed) for g in failed] == [("base_label_accuracy", False), ("base_fd_ratio", False)]
-    assert failed[1].value == pytest.approx(455 / 9)
-    passed = base_quality_gates(summary(0.9, 20.0), floor=9.0, min_accuracy=0.85, max_fd_ratio=3.0)
-    assert all(g.passed for g in passed)
-    half = base_quality_gates(summary(0.9, 40.0), floor=9.0, min_accuracy=0.85, max_fd_ratio=3.0)
-    assert [g.passed for g in half] == [True, False]
+    failed, info = base_quality_gate(rows([0.15], [455.0]), floor=9.0, min_accuracy=0.85, max_fd_ratio=3.0)
+    assert failed.name == "base_quality" and not failed.passed
+    assert info["worst_fd_ratio"] == pytest.approx(455 / 9) and info["worst_label_accuracy"] == 0.15
+    passed, _ = base_quality_gate(rows([0.9, 0.95], [20.0, 18.0]), floor=9.0, min_accuracy=0.85, max_fd_ratio=3.0)
+    assert passed.passed and passed.value == pytest.approx(min(0.9 / 0.85, 3.0 / (20 / 9)))
+    # one base of three that does not draw the data (FD 40 > 3 x 9) fails the gate for every claim
+    one_bad, info = base_quality_gate(rows([0.9, 0.9, 0.9], [20.0, 40.0, 18.0]), floor=9.0, min_accuracy=0.85,
+                                      max_fd_ratio=3.0)
+    assert not one_bad.passed and set(info["per_seed"]) == {"0/ddim", "0/ddpm", "1/ddim", "1/ddpm", "2/ddim",
+                                                            "2/ddpm"}
+    low_accuracy, _ = base_quality_gate(rows([0.9, 0.8], [20.0, 20.0]), floor=9.0, min_accuracy=0.85,
+                                        max_fd_ratio=3.0)
+    assert not low_accuracy.passed
 
-    out = _claims(_rows(GOOD_FD, GOOD_SPEED), gates=failed)
+    out = _claims(_rows(GOOD_FD, GOOD_SPEED), gates=[failed])
     assert out["claims"]["ase_faster"] is True  # speed needs no quality gate
     for name in QUALITY_CLAIMS | {"ase_quality_kept_vs_equal_steps_full"}:  # ase_beats_fewer_steps too
         assert out["claims"][name] is None
-        assert "base_label_accuracy" in out["claims_detail"][name]["reason"]
+        assert "base_quality" in out["claims_detail"][name]["reason"]
     assert set(out["gates"]) == set(GATES)
+
+
+def test_a_fine_tuning_seed_without_its_own_base_is_a_clear_error(tmp_path):
+    from tasks.core import io
+    from tasks.core.errors import MissingInputError
+    from tasks.early_exit_diffusion.common import base_dir
+
+    io.write_json(tmp_path / "meta.json", {"init": "scratch", "num_layers": 2, "parameters": 10, "seeds": [0, 1],
+                                           "final_loss": [0.1, 0.1]})
+    assert base_dir(tmp_path, 1) == tmp_path / "model_seed1"
+    with pytest.raises(MissingInputError, match=r"early_exit_diffusion.pretrain.seeds"):
+        base_dir(tmp_path, 2)
 
 
 def test_one_seed_gives_no_verdict_and_missing_variants_give_no_claim():
@@ -192,6 +219,7 @@ def test_one_seed_gives_no_verdict_and_missing_variants_give_no_claim():
     ("evaluate", "samplers", {"euler": 10}, "samplers"),
     ("evaluate", "base_label_accuracy_min", 1.5, "base_label_accuracy_min"),
     ("pretrain", "heads", 5, "divisible by heads"),
+    ("pretrain", "seeds", [0, 0], "must not repeat"),
     ("prepare", "source", "latents", "needs 'latents_path'"),
 ])
 def test_bad_params_name_the_problem(section, key, value, needle):

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.core import Params
+from tasks.core import Params, io
 
 
 class PretrainedMeta(Params):
-    """``pretrain/meta.json``."""
+    """``pretrain/meta.json``: one base per seed in ``model_seed<seed>/`` (trained from scratch), or one
+    loaded model in ``model/`` that every seed shares (``seeds`` None)."""
 
     init: str
     num_layers: int
     parameters: int
-    final_loss: float | None           # mean of the last 100 steps' losses (None when loaded)
+    seeds: list[int] | None            # the seeds with their own base; None: ``model/`` serves every seed
+    final_loss: list[float] | None     # per base: mean of its last 100 steps' losses (None when loaded)
 
 
 class FinetuneRun(Params):
@@ -28,6 +30,20 @@ class FinetunedMeta(Params):
     variants: list[str]
     seeds: list[int]
     runs: dict[str, FinetuneRun]
+
+
+def base_dir(pretrain: Path, seed: int) -> Path:
+    """The folder of the base model that seed ``seed`` fine-tunes and samples from."""
+    from tasks.core.errors import MissingInputError
+
+    meta = PretrainedMeta.model_validate(io.read_json(pretrain / "meta.json"))
+    if meta.seeds is None:
+        return pretrain / "model"
+    if seed not in meta.seeds:
+        raise MissingInputError(f"seed {seed} has no pretrained base (bases exist for seeds {meta.seeds}): add it "
+                                f"to 'early_exit_diffusion.pretrain.seeds' (each fine-tuning seed starts from its "
+                                f"own base) and run 'dvc repro early_exit_diffusion-pretrain'")
+    return pretrain / f"model_seed{seed}"
 
 
 def load_dit(folder: Path, subfolder: str | None = None):

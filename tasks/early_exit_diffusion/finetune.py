@@ -8,8 +8,8 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from tasks.core import Params, StageContext, io, stage
-from tasks.early_exit_diffusion.common import (FinetunedMeta, FinetuneRun, load_dit, noise_scheduler_config,
-                                               variant_schedule)
+from tasks.early_exit_diffusion.common import (FinetunedMeta, FinetuneRun, base_dir, load_dit,
+                                               noise_scheduler_config, variant_schedule)
 from tasks.early_exit_diffusion.data import load_prepared
 
 
@@ -29,7 +29,8 @@ class FinetuneParams(Params):
     ema_decay: float = Field(gt=0, lt=1)
     label_dropout: float = Field(ge=0, lt=1)
     freeze_time_embedder: bool = Field(description="the paper trains all weights but the timestep embedder")
-    seeds: list[int] = Field(min_length=1, description="one fine-tuning run per variant and seed")
+    seeds: list[int] = Field(min_length=1, description="one fine-tuning run per variant and seed, from seed's "
+                                                       "own base (pretrain.seeds) when the bases are trained here")
     workers: int = Field(gt=0, description="processes running (variant, seed) fine-tunings in parallel, "
                                            "one torch thread each (CPU: one per core; GPU: 1)")
 
@@ -53,7 +54,8 @@ class FinetuneParams(Params):
 @stage(params=FinetuneParams, inputs=("prepare", "pretrain"), gpu=True)
 def finetune(ctx: StageContext, p: FinetuneParams) -> None:
     """ASE fine-tuning of the pretrained DiT for its exit schedule (and the ablations), per seed."""
-    base = load_dit(ctx.input("pretrain") / "model")
+    bases = [base_dir(ctx.input("pretrain"), seed) for seed in p.seeds]  # every seed has a base, before any compute
+    base = load_dit(bases[0])
     for v in p.variants:  # validates every schedule against the model before any compute
         variant_schedule(v, base, p.schedule)
     jobs = [dict(seed=seed, variant=v, prepare=str(ctx.input("prepare")), pretrain=str(ctx.input("pretrain")),
@@ -80,7 +82,7 @@ def finetune_one(job: dict) -> dict:
     p = FinetuneParams(**job["params"])
     seed, name, device = job["seed"], job["variant"], torch.device(job["device"])
     data, _ = load_prepared(Path(job["prepare"]))
-    base = load_dit(Path(job["pretrain"]) / "model").to(device)
+    base = load_dit(base_dir(Path(job["pretrain"]), seed)).to(device)
     sched = variant_schedule(name, base, p.schedule)
     x, y = data["x_train"].float().to(device), data["y_train"].to(device)
     cfg = FitConfig(steps=p.steps, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
