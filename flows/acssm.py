@@ -1,4 +1,5 @@
-"""Prefect flow of ACSSM (amortized control of continuous state space models): prepare -> finetune, speed -> evaluate."""
+"""Prefect flow of ACSSM (amortized control of continuous state space models): prepare -> finetune, speed,
+ablation -> evaluate."""
 from __future__ import annotations
 
 from typing import Literal
@@ -17,7 +18,8 @@ def acssm(stages: list[str] | None = None,
     irregular series: per-time-point classification, regression, interpolation and extrapolation.
 
     Args:
-        stages: stages to run, in pipeline order (default: all of prepare, finetune, speed, evaluate).
+        stages: stages to run, in pipeline order (default: all of prepare, ablation, finetune, speed,
+            evaluate).
         scale: 'smoke' (seconds), 'cpu' (default, minutes, offline) or 'paper' (local data sets).
         overrides: params.yaml overrides as key=value, e.g. ["acssm.finetune.epochs=30"].
         executor: 'local' runs every stage in this flow run (GPU stages under the `gpu` tag

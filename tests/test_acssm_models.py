@@ -218,8 +218,8 @@ def test_all_padding_series_is_rejected_and_bad_task_too():
 def test_noskip_ablation_decoder_sees_only_the_latent_sample():
     from models.acssm.fit import build_model
 
-    cfg = dict(width=8, state_dim=4, num_basis=2, n_layers=1, n_heads=1, time_scale=1.0, skip=True,
-               sde_dt=0.1, obs_var=0.01)
+    cfg = dict(width=8, state_dim=4, num_basis=2, n_layers=1, n_heads=1, dropout=0.0, time_scale=1.0,
+               init_sigma=1.0, skip=True, sde_dt=0.1, obs_var=0.01, encoder="mlp")
     full, noskip = (build_model(m, "regression", 4, 2, cfg, causal=False) for m in ("acssm", "acssm_noskip"))
     assert full.skip and full.decoder[0].in_features == 4 + 8
     assert not noskip.skip and noskip.decoder[0].in_features == 4 and isinstance(noskip, ACSSM)
@@ -250,3 +250,58 @@ def test_speed_sweep_euler_step_gives_exactly_the_stated_solver_steps():
         times = torch.linspace(horizon / 10, horizon, 10)[None]
         model(times, torch.randn(1, 10, 3), torch.ones(1, 10, 3))
         assert len(calls) == steps + 1, (horizon, steps, len(calls))   # + torchsde's one shape check at t0
+
+
+# --------------------------------------------------------------------------------------------------
+# the conv encoder of image observations (paper-scale pendulum frames)
+# --------------------------------------------------------------------------------------------------
+def _frames(B=2, K=5, shape=(1, 8, 8), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    times = torch.cumsum(torch.rand(B, K, generator=g) * 0.5 + 0.05, dim=1)
+    values = torch.rand(B, K, math.prod(shape), generator=g)              # flattened channels-first frames
+    mask = (torch.rand(B, K, 1, generator=g) > 0.3).float().expand(-1, -1, values.shape[-1]).contiguous()
+    mask[:, 0] = 1.0
+    return times, values, mask
+
+
+@pytest.mark.parametrize("cls", [ACSSM, TorchsdeLatentSDE])
+def test_conv_encoder_on_tiny_images_shapes_and_gradients(cls):
+    from models.acssm.networks import ConvEmbedding
+
+    torch.manual_seed(9)
+    shape = (2, 6, 7)                                                      # C, H, W: 2 channels, not square
+    model = cls(obs_dim=math.prod(shape), out_dim=2, width=8, state_dim=4, image_shape=shape)
+    assert isinstance(model.encoder.embed, ConvEmbedding)
+    times, values, mask = _frames(shape=shape)
+    out = model(times, values, mask, n_samples=3)
+    assert out["pred"].shape == (3, 2, 5, 2)
+    z, u = model.encoder(times, values, mask, out["valid"])
+    assert z.shape == u.shape == (2, 5, 8)
+    target = torch.randn(2, 5, 2)
+    loss, _ = model.loss(out, target, torch.ones_like(target), LossWeights(1e-6, 1e-8))
+    loss.backward()
+    for conv in (model.encoder.embed.conv[0], model.encoder.embed.conv[3]):
+        assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    # a frame's pixels reach the encoder only where observed: masked frames are ignored (NaN included)
+    junk = torch.where(mask > 0, values, torch.full_like(values, float("nan")))
+    with torch.no_grad():
+        a, _ = model.encoder(times, values, mask, out["valid"])
+        b, _ = model.encoder(times, junk, mask, out["valid"])
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_conv_encoder_is_chosen_by_the_encoder_param_for_images_only():
+    from models.acssm.fit import build_model
+    from models.acssm.networks import ConvEmbedding
+
+    cfg = dict(width=8, state_dim=4, num_basis=2, n_layers=1, n_heads=1, dropout=0.0, time_scale=1.0,
+               init_sigma=1.0, skip=True, sde_dt=0.1, obs_var=0.01, encoder="cnn")
+    image = build_model("acssm", "regression", 64, 2, cfg, causal=False, image_shape=(1, 8, 8))
+    vector = build_model("acssm", "regression", 64, 2, cfg, causal=False, image_shape=None)
+    flat = build_model("acssm", "regression", 64, 2, {**cfg, "encoder": "mlp"}, causal=False, image_shape=(1, 8, 8))
+    assert isinstance(image.encoder.embed, ConvEmbedding)
+    assert not isinstance(vector.encoder.embed, ConvEmbedding) and not isinstance(flat.encoder.embed, ConvEmbedding)
+    with pytest.raises(ValueError, match="does not hold obs_dim"):
+        build_model("acssm", "regression", 60, 2, cfg, causal=False, image_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match="encoder must be"):
+        build_model("acssm", "regression", 64, 2, {**cfg, "encoder": "rnn"}, causal=False)

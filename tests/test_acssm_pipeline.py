@@ -11,7 +11,7 @@ import yaml
 from tests.conftest import ROOT, dvc
 
 PAPER = "acssm"
-STAGES = ["prepare", "finetune", "speed", "evaluate"]
+STAGES = ["prepare", "ablation", "finetune", "speed", "evaluate"]
 CLAIMS = {"acssm_beats_baselines_interpolation", "acssm_beats_baselines_extrapolation",
           "acssm_beats_baselines_classification", "acssm_beats_baselines_regression",
           "acssm_beats_trivial", "simulation_free_speedup"}
@@ -97,6 +97,18 @@ def test_dvc_repro_writes_metrics_claims_and_plots(smoke_repo):
     for png in ("trajectories_regression.png", "latent_interpolation.png"):
         assert (res / "plots" / png).stat().st_size > 1000
     assert json.loads((res / "curves" / "latent_variance_regression.json").read_text())
+    # the lambda sweep: the ablation stage's per-value scores, published by evaluate (no claim reads it)
+    sweep = json.loads((res / "lambda_sweep.json").read_text())
+    assert evidence["lambda_sweep"] == sweep and sweep["task"] == "regression" and sweep["seeds"] == [0, 1]
+    assert [r["lambda"] for r in sweep["rows"]] == [1e-6, 1.0] and sweep["reference_lambda"] == 1e-6
+    for r in sweep["rows"]:
+        assert r["n"] == 2 and r["mean"] == pytest.approx(np.mean(r["per_seed"])) and r["ci"][0] <= r["mean"]
+    ref = sweep["rows"][0]["per_seed"]
+    assert sweep["rows"][1]["gain_vs_reference"] == pytest.approx(
+        np.mean([b - a for a, b in zip(sweep["rows"][1]["per_seed"], ref)]))       # MSE reduction, paired
+    assert (res / "plots" / "lambda_sweep.png").stat().st_size > 1000
+    assert len(json.loads((res / "curves" / "lambda_sweep.json").read_text())) == 2
+    assert "lambda_sweep" not in json.dumps(metrics)                           # metrics.json: claims only
     meta = json.loads((smoke_repo / "artifacts" / PAPER / "prepare" / "meta.json").read_text())
     assert meta["interpolation"]["channels"] == ["co2_ppm", "elnino_sst_c"]
     out = dvc(smoke_repo, "repro", f"{PAPER}-evaluate").stdout
@@ -245,6 +257,12 @@ def test_prefect_flow_runs_every_stage_with_mlflow_children(tmp_path, prefect_ha
     ("evaluate", "trivial_margin", 1.0, "acssm.evaluate.trivial_margin"),
     ("speed", "claim_steps", 3, "claim_steps"),
     ("speed", "repeats", 1, "acssm.speed.repeats"),
+    ("ablation", "reference_lambda", 0.5, "reference_lambda"),
+    ("ablation", "lambdas", [1.0e-6, 1.0e-6], "distinct"),
+    ("ablation", "seeds", [0], "acssm.ablation.seeds"),
+    ("finetune", "per_task", {"forecast": {}}, "acssm.finetune.per_task"),
+    ("finetune", "per_task", {"regression": {"epochs": 3}}, "acssm.finetune.per_task.regression.batch_size"),
+    ("finetune", "encoder", "rnn", "acssm.finetune.encoder"),
 ])
 def test_bad_params_are_rejected_before_any_compute(tmp_path, section, key, value, msg):
     from tasks.core import ParamsError, run_stage
@@ -309,14 +327,16 @@ def test_paper_loaders_read_the_published_formats(tmp_path):
     assert phys["values"][0, k, hr] == pytest.approx((73 + 80) / 2)      # repeated readings averaged
     act = paper.load_activity(tmp_path / "activity" / "ConfLongDemo_JSI.txt", window=50)
     assert act["values"].shape[1:] == (50, 12) and set(np.unique(act["target"])) <= {0, 3}
-    pend = paper.load_pendulum(tmp_path / "pendulum" / "pendulum.npz")
+    pend, image_shape = paper.load_pendulum(tmp_path / "pendulum" / "pendulum.npz")
     assert pend["values"].shape == (10, 12, 36) and np.nanmax(pend["values"]) <= 1.0
+    assert image_shape == [1, 6, 6]                                   # channels-last frames -> C, H, W
     import torch
     for d in (ushcn, phys, act, pend):
         check_series(torch.as_tensor(d["times"]), torch.as_tensor(d["values"]), torch.as_tensor(d["mask"]),
                      torch.as_tensor(d["valid"]))
-    built = paper.build_all(tmp_path, seed=0)
-    assert set(built) == {"classification", "regression", "interpolation", "extrapolation"}
+    built, extra = paper.build_all(tmp_path, seed=0)
+    assert set(built) == set(extra) == {"classification", "regression", "interpolation", "extrapolation"}
+    assert extra["regression"]["image_shape"] == [1, 6, 6] and "image_shape" not in extra["classification"]
     ex = built["extrapolation"]["train"]
     assert (ex["target_mask"].sum((1, 2)) > 0).all() and ((ex["mask"] * ex["target_mask"]).sum() == 0)
 
@@ -337,19 +357,96 @@ def test_paper_loaders_reject_malformed_files(tmp_path):
         paper.build_all(tmp_path / "nothing", 0)
 
 
+def _paper_params() -> dict:
+    from tasks.core.params import deep_merge
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return deep_merge(params, {PAPER: yaml.safe_load((ROOT / "scales" / "paper.yaml").read_text())[PAPER]})
+
+
+def test_paper_scale_params_hold_the_papers_per_task_configs():
+    from tasks.acssm.ablation import AblationParams
+    from tasks.acssm.finetune import FinetuneParams, settings_for
+    from tasks.acssm.speed import SpeedParams
+
+    section = _paper_params()[PAPER]
+    p = FinetuneParams.model_validate(section["finetune"])
+    SpeedParams.model_validate(section["speed"])
+    AblationParams.model_validate(section["ablation"])
+    assert set(p.per_task) == {"classification", "regression", "interpolation", "extrapolation"}
+    activity, pendulum = settings_for(p, "classification"), settings_for(p, "regression")
+    assert (activity.model["state_dim"], activity.model["num_basis"], activity.model["n_layers"]) == (288, 256, 1)
+    assert activity.model["dropout"] == 0.2 and activity.batch_size == 256 and activity.epochs == 400
+    assert activity.grad_clip == 1.0 and pendulum.grad_clip == 0.0               # clipping on activity only
+    assert (pendulum.model["state_dim"], pendulum.model["num_basis"], pendulum.model["n_layers"]) == (20, 15, 4)
+    assert pendulum.model["init_sigma"] == 10.0 and pendulum.epochs == 500 and p.encoder == "cnn"
+    assert settings_for(p, "interpolation").weight_decay == 0.0
+    # the CPU scale has one config for every task
+    cpu = FinetuneParams.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text())[PAPER]["finetune"])
+    assert cpu.per_task == {} and settings_for(cpu, "classification").model == settings_for(cpu, "regression").model
+
+
+def test_cpu_scale_lambda_sweep_trains_finetunes_acssm_except_lambda_and_epochs():
+    section = yaml.safe_load((ROOT / "params.yaml").read_text())[PAPER]
+    fin, ab = section["finetune"], section["ablation"]
+    shared = set(fin) & set(ab) - {"seeds", "epochs", "workers"}
+    assert {k: ab[k] for k in shared} == {k: fin[k] for k in shared}
+    assert fin["lambda_control"] == ab["reference_lambda"] in ab["lambdas"]
+    assert fin["lambda_potential"] == pytest.approx(ab["potential_ratio"] * ab["reference_lambda"])
+
+
+def test_lambda_sweep_summary_on_hand_made_numbers():
+    from tasks.acssm.ablation import summarise
+
+    scores = {1e-6: [0.50, 0.52, 0.51], 1.0: [0.60, 0.61, 0.62]}
+    control = {1e-6: [4.0, 5.0, 6.0], 1.0: [0.1, 0.2, 0.3]}
+    rows = summarise([1e-6, 1.0], 1e-6, scores, control, higher_is_better=False)
+    assert [r["lambda"] for r in rows] == [1e-6, 1.0]
+    assert rows[0]["mean"] == pytest.approx(0.51) and rows[0]["gain_vs_reference"] == 0.0
+    assert rows[1]["gain_vs_reference"] == pytest.approx(-0.10)                   # MSE up by 0.10: a loss
+    assert rows[1]["gain_ci"][1] < 0 and rows[1]["control_cost"] == pytest.approx(0.2)
+    half = 4.302653 * 0.01 / np.sqrt(3)                                           # t(0.975, 2) * sd / sqrt(n)
+    assert rows[1]["ci"] == pytest.approx([0.61 - half, 0.61 + half], abs=1e-5)
+    acc = summarise([1e-6, 1.0], 1e-6, scores, control, higher_is_better=True)
+    assert acc[1]["gain_vs_reference"] == pytest.approx(0.10)
+
+
+def _tiny_per_task(**kw) -> dict:
+    return {**dict(epochs=2, batch_size=64, lr=0.01, weight_decay=0.0, grad_clip=0.0, state_dim=3, num_basis=5,
+                   n_layers=2, dropout=0.1, time_scale=0.5, init_sigma=10.0), **kw}
+
+
 @pytest.mark.slow
 def test_paper_scale_prepare_and_finetune_on_tiny_files(tmp_path):
+    """The paper-scale path on tiny files: the pendulum frames go through the conv encoder, and each
+    task's own settings (per_task) reach its model and its training loop."""
+    from safetensors.torch import load_file
+
     from tasks.core import run_stage
 
     data = tmp_path / "data"
     _write_paper_files(data)
     params = _smoke_params()
     params[PAPER]["prepare"].update(source="paper", data_dir=str(data))
-    params[PAPER]["finetune"].update(tasks=["classification", "extrapolation"], models=["acssm"])
+    params[PAPER]["finetune"].update(tasks=["classification", "regression", "extrapolation"], models=["acssm"],
+                                     seeds=[0], encoder="cnn",
+                                     per_task={"regression": _tiny_per_task(),
+                                               "classification": _tiny_per_task(epochs=1, state_dim=6, num_basis=2,
+                                                                                n_layers=1)})
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     for stage in ("prepare", "finetune"):
         run_stage(PAPER, stage, root=tmp_path, params=params, track=False)
     meta = json.loads((tmp_path / "artifacts" / PAPER / "prepare" / "meta.json").read_text())
     assert meta["classification"]["obs_dim"] == 12 and meta["extrapolation"]["obs_dim"] == 5
-    assert (tmp_path / "artifacts" / PAPER / "finetune" / "extrapolation" / "acssm" / "seed0"
-            / "model.safetensors").exists()
+    assert meta["regression"]["image_shape"] == [1, 6, 6] and meta["classification"]["image_shape"] is None
+    fit = tmp_path / "artifacts" / PAPER / "finetune"
+    pend = load_file(fit / "regression" / "acssm" / "seed0" / "model.safetensors")
+    assert pend["encoder.embed.conv.0.weight"].shape[1] == 2                    # [frame, mask] channels
+    assert pend["sde.log_rates"].shape == (5, 3) and "encoder.transformer.layers.1.linear1.weight" in pend
+    assert pend["sde.logvar0"][0].item() == pytest.approx(np.log(10.0), abs=0.1)   # init_sigma (after 2 epochs)
+    assert len(json.loads((fit / "regression" / "acssm" / "seed0" / "history.json").read_text())) == 2
+    act = load_file(fit / "classification" / "acssm" / "seed0" / "model.safetensors")
+    assert act["sde.log_rates"].shape == (2, 6) and "encoder.embed.0.weight" in act    # vectors: the MLP
+    assert len(json.loads((fit / "classification" / "acssm" / "seed0" / "history.json").read_text())) == 1
+    ex = load_file(fit / "extrapolation" / "acssm" / "seed0" / "model.safetensors")   # shared settings
+    assert ex["sde.log_rates"].shape == (params[PAPER]["finetune"]["num_basis"], params[PAPER]["finetune"]["state_dim"])

@@ -8,20 +8,26 @@ import torch
 from models.acssm.networks import MODELS, LossWeights, point_prediction
 
 
-def build_model(name: str, task: str, obs_dim: int, out_dim: int, cfg: dict, causal: bool) -> torch.nn.Module:
-    """cfg: width, state_dim, num_basis, n_layers, n_heads, time_scale, skip, sde_dt, obs_var.
-    ``acssm_noskip`` is ACSSM whose decoder sees only the latent sample (no skip term from z_k)."""
+def build_model(name: str, task: str, obs_dim: int, out_dim: int, cfg: dict, causal: bool,
+                image_shape: tuple[int, int, int] | None = None) -> torch.nn.Module:
+    """cfg: width, state_dim, num_basis, n_layers, n_heads, dropout, time_scale, init_sigma, skip, sde_dt,
+    obs_var, encoder ('mlp' | 'cnn'). ``image_shape`` (C, H, W): the observations are flattened images;
+    with encoder 'cnn' the latent models embed them with the conv net (GRU-dt always reads the flat
+    vector). ``acssm_noskip`` is ACSSM whose decoder sees only the latent sample (no skip term from z_k)."""
     if name == "acssm_noskip":
         name, cfg = "acssm", {**cfg, "skip": False}
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS) + ['acssm_noskip']}")
+    if cfg["encoder"] not in ("mlp", "cnn"):
+        raise ValueError(f"encoder must be 'mlp' or 'cnn', got {cfg['encoder']!r}")
     common = dict(task=task, width=cfg["width"], obs_var=cfg["obs_var"])
     if name == "gru_dt":
         return MODELS[name](obs_dim, out_dim, **common)
     common.update(state_dim=cfg["state_dim"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"],
-                  time_scale=cfg["time_scale"], causal=causal, skip=cfg["skip"])
+                  dropout=cfg["dropout"], time_scale=cfg["time_scale"], causal=causal, skip=cfg["skip"],
+                  image_shape=tuple(image_shape) if image_shape is not None and cfg["encoder"] == "cnn" else None)
     if name == "acssm":
-        return MODELS[name](obs_dim, out_dim, num_basis=cfg["num_basis"], **common)
+        return MODELS[name](obs_dim, out_dim, num_basis=cfg["num_basis"], init_sigma=cfg["init_sigma"], **common)
     return MODELS[name](obs_dim, out_dim, dt=cfg["sde_dt"], **common)
 
 

@@ -30,14 +30,48 @@ def sinusoidal_time_encoding(t: torch.Tensor, dim: int, scale: float) -> torch.T
     return F.pad(enc, (0, dim - 2 * half))
 
 
+class ConvEmbedding(nn.Module):
+    """The paper's image encoder for pendulum frames: each time point's image and its mask, as two
+    channel groups [y*mask, mask] (like the MLP's input), through a small conv net -> [.., width].
+
+    Input [B, K, C*H*W] (flattened channels-first frames, as stored); two conv blocks (5x5 then 3x3
+    stride 2, ReLU, max-pooling; the pooled grid is at most 3x3 so any frame of >= 4x4 works), then an
+    MLP to ``width``."""
+
+    def __init__(self, image_shape: tuple[int, int, int], width: int, channels: int = 12):
+        super().__init__()
+        c, h, w = (int(v) for v in image_shape)
+        if min(h, w) < 4:
+            raise ValueError(f"image frames must be at least 4x4, got {h}x{w}")
+        self.image_shape = (c, h, w)
+        self.conv = nn.Sequential(
+            nn.Conv2d(2 * c, channels, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(3))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels * 9, width), nn.GELU(), nn.Linear(width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:     # x: [B, K, 2*C*H*W] = [y*mask, mask]
+        c, h, w = self.image_shape
+        lead = x.shape[:-1]
+        frames = x.reshape(-1, 2 * c, h, w)
+        return self.head(self.conv(frames)).reshape(*lead, -1)
+
+
 class ObservationEncoder(nn.Module):
-    """z_k = GRU(Transformer(MLP([y*mask, mask]) + PE(t)))_k; ``causal`` = past-only ("history") attention."""
+    """z_k = GRU(Transformer(embed([y*mask, mask]) + PE(t)))_k; ``causal`` = past-only ("history") attention.
+
+    ``embed`` is an MLP on the flattened observation, or ``ConvEmbedding`` when ``image_shape`` (C, H, W)
+    is given (observations are then flattened images)."""
 
     def __init__(self, obs_dim: int, width: int, n_layers: int = 1, n_heads: int = 1, dropout: float = 0.0,
-                 time_scale: float = 1.0, causal: bool = False):
+                 time_scale: float = 1.0, causal: bool = False, image_shape: tuple[int, int, int] | None = None):
         super().__init__()
         self.width, self.time_scale, self.causal = width, time_scale, causal
-        self.embed = nn.Sequential(nn.Linear(2 * obs_dim, width), nn.GELU(), nn.Linear(width, width))
+        if image_shape is not None:
+            if math.prod(image_shape) != obs_dim:
+                raise ValueError(f"image_shape {tuple(image_shape)} does not hold obs_dim {obs_dim} values")
+            self.embed = ConvEmbedding(image_shape, width)
+        else:
+            self.embed = nn.Sequential(nn.Linear(2 * obs_dim, width), nn.GELU(), nn.Linear(width, width))
         layer = nn.TransformerEncoderLayer(width, n_heads, 2 * width, dropout, batch_first=True,
                                            norm_first=True)
         self.transformer = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
@@ -98,12 +132,14 @@ class _ControlledLatentModel(nn.Module):
 
     def __init__(self, obs_dim: int, out_dim: int, task: str = "regression", width: int = 32,
                  state_dim: int = 16, n_layers: int = 1, n_heads: int = 1, dropout: float = 0.0,
-                 time_scale: float = 1.0, causal: bool = False, skip: bool = True, obs_var: float = 0.01):
+                 time_scale: float = 1.0, causal: bool = False, skip: bool = True, obs_var: float = 0.01,
+                 image_shape: tuple[int, int, int] | None = None):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         self.task, self.obs_var, self.skip = task, obs_var, skip
-        self.encoder = ObservationEncoder(obs_dim, width, n_layers, n_heads, dropout, time_scale, causal)
+        self.encoder = ObservationEncoder(obs_dim, width, n_layers, n_heads, dropout, time_scale, causal,
+                                          image_shape)
         self.control = nn.Linear(width, state_dim)                       # alpha_k = B z_k
         self.emission = nn.Linear(state_dim, width)                      # potential g(u | X) = N(u; H X, R)
         self.aux_logvar = nn.Parameter(torch.zeros(width))

@@ -30,6 +30,7 @@ class TaskMeta(_Record):
     source: str
     channels: list[str] | None                         # real series: channel names
     scale: list[float] | None                          # real series: the training split's channel scale
+    image_shape: list[int] | None                      # image observations: (C, H, W) of a flattened frame
 
 
 class RunSummary(_Record):

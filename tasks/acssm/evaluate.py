@@ -1,5 +1,6 @@
 """acssm evaluate: test scores per task, model and seed, the trivial references, the no-skip ablation,
-the speed sweep, claims by per-seed paired confidence intervals, trajectory, latent and speed plots."""
+the speed sweep, the lambda sweep (the ablation stage's, evidence only), claims by per-seed paired
+confidence intervals, trajectory, latent and speed plots."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -209,7 +210,7 @@ def headline_numbers(table: dict, speed: dict | None) -> dict:
 
 
 def write_results(ctx: StageContext, scores: Scores, speed: dict | None, claims: list[Claim],
-                  gates: list[Gate]) -> None:
+                  gates: list[Gate], lambda_sweep: dict | None = None) -> None:
     table = summary_table(scores)
     for task_name, row in table.items():
         ctx.log_metrics({f"{task_name}/{m}": v["mean"] for m, v in row.items()})
@@ -217,7 +218,7 @@ def write_results(ctx: StageContext, scores: Scores, speed: dict | None, claims:
     summary = speed_summary(speed) if speed else None
     ctx.write_metrics(claims, gates, headline=headline_numbers(table, summary),
                       evidence={"test": table, "skip_ablation": skip_ablation(scores), "speed": summary,
-                                "speed_raw": speed, "seeds": scores.seeds,
+                                "speed_raw": speed, "seeds": scores.seeds, "lambda_sweep": lambda_sweep,
                                 "metric": {t: METRIC[t] for t in table}})
 
 
@@ -295,13 +296,28 @@ def draw_speed(ctx: StageContext, summary: dict, margin: float) -> None:
                     "ratio": r["ratio"]} for s, r in zip(steps, rows)])
 
 
-@stage(params=EvaluateParams, inputs=("prepare", "finetune", "speed"))
+def publish_lambda_sweep(ctx: StageContext, folder: Path) -> dict:
+    """The ablation stage's lambda sweep into results/acssm: lambda_sweep.json, its plot and a curve
+    (evidence only: no claim reads it)."""
+    import shutil
+
+    sweep = io.read_json(folder / "lambda_sweep.json")
+    io.write_json(ctx.results_file("lambda_sweep.json"), sweep)
+    shutil.copyfile(folder / "plots" / "lambda_sweep.png", ctx.results_file("plots/lambda_sweep.png"))
+    io.write_json(ctx.results_file("curves/lambda_sweep.json"),
+                  [{"lambda": r["lambda"], "mean": r["mean"], "low": r["ci"][0], "high": r["ci"][1]}
+                   for r in sweep["rows"]])
+    return sweep
+
+
+@stage(params=EvaluateParams, inputs=("prepare", "finetune", "speed", "ablation"))
 def evaluate(ctx: StageContext, p: EvaluateParams) -> None:
     """Score every run, decide the claims by per-seed confidence intervals, draw the plots."""
     data_dir, fit_dir = ctx.input("prepare"), ctx.input("finetune")
     speed = io.read_json(ctx.input("speed") / "speed.json")
     scores = load_scores(data_dir, fit_dir, read_runs(fit_dir))
     claims, gates = decide_claims(scores, speed, p)
-    write_results(ctx, scores, speed, claims, gates)
+    sweep = publish_lambda_sweep(ctx, ctx.input("ablation"))
+    write_results(ctx, scores, speed, claims, gates, sweep)
     draw_figures(ctx, data_dir, fit_dir, list(scores.per_seed), scores.seeds[0], p.n_plot_series)
     draw_speed(ctx, speed_summary(speed), p.speedup_factor)

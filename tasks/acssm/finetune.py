@@ -1,13 +1,31 @@
-"""acssm finetune: ACSSM and the baselines (GRU-dt, torchsde latent SDE) on every task and seed."""
+"""acssm finetune: ACSSM and the baselines (GRU-dt, torchsde latent SDE) on every task and seed, each task
+with the shared settings or its own (``per_task``: the paper's per-task configs at paper scale)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
-from tasks.acssm.common import ModelName, RunSummary, TaskName, load_split, read_meta, run_dir
+from tasks.acssm.common import ModelName, TaskName, run_dir
+from tasks.acssm.training import FitJob, FitResult, TrainSettings, fit_one
 from tasks.core import Params, StageContext, io, stage
+
+
+class TaskConfig(Params):
+    """One task's own settings (the paper's per-task configs, e.g. activity: state 288, 256 bases); they
+    replace the shared values of the same names for that task. Every key is required."""
+
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    grad_clip: float = Field(ge=0, description="max grad norm (0 = off; the paper clips classification only)")
+    state_dim: int = Field(gt=0)
+    num_basis: int = Field(gt=0)
+    n_layers: int = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    time_scale: float = Field(gt=0)
+    init_sigma: float = Field(gt=0)
 
 
 class FinetuneParams(Params):
@@ -24,72 +42,37 @@ class FinetuneParams(Params):
     num_basis: int = Field(gt=0, description="negative-definite bases in the drift mixture")
     n_layers: int = Field(gt=0, description="Transformer encoder layers")
     n_heads: int = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1, description="Transformer encoder dropout")
     time_scale: float = Field(gt=0, description="time-encoding scale (ts)")
+    init_sigma: float = Field(gt=0, description="scale of the initial latent variance")
     skip: bool = Field(description="decoder also sees z_k (the official 'skip' term); the model "
                        "'acssm_noskip' is ACSSM with it off (the ablation)")
+    encoder: Literal["mlp", "cnn"] = Field(description="embedding of image observations (the paper-scale "
+                                           "pendulum frames): 'cnn' (the paper's conv net) or 'mlp' on the "
+                                           "flattened pixels; vector observations always use the MLP")
     obs_var: float = Field(gt=0, description="fixed variance of the Gaussian decoder")
     lambda_control: float = Field(ge=0, description="weight of 1/2 sum ||alpha||^2 dt (official 1e-6)")
     lambda_potential: float = Field(ge=0, description="weight of -log g potential (official 1e-8)")
     train_samples: int = Field(gt=0, description="latent samples per series in training")
     eval_samples: int = Field(gt=0, description="latent samples per series at test time")
     sde_dt: float = Field(gt=0, description="torchsde Euler step of the latent_sde baseline")
+    per_task: dict[TaskName, TaskConfig] = Field(description="per-task settings replacing the shared ones "
+                                                 "({} at CPU scale: one config for every task)")
     num_threads: int = Field(gt=0, description="torch threads (1 is much faster on a loaded 2-core box)")
     workers: int = Field(gt=0, description="processes training independent (task, model, seed) runs "
                                            "in parallel, one torch thread each (CPU: one per core)")
 
 
-@dataclass(frozen=True)
-class FitJob:
-    """One (task, model, seed) training, picklable for the worker processes."""
-
-    task: str
-    model: str
-    seed: int
-    data_dir: str
-    out_dir: str
-    device: str
-    params: FinetuneParams
-
-
-@dataclass
-class FitResult:
-    summary: RunSummary
-    history: list[dict]
-
-
-def model_config(p: FinetuneParams) -> dict:
-    return dict(width=p.width, state_dim=p.state_dim, num_basis=p.num_basis, n_layers=p.n_layers,
-                n_heads=p.n_heads, time_scale=p.time_scale, skip=p.skip, sde_dt=p.sde_dt, obs_var=p.obs_var)
-
-
-def fit_one(job: FitJob) -> FitResult:
-    """Train one model on one task and seed, save its weights and test predictions (a top-level
-    function so that worker processes can run it)."""
-    import torch
-
-    from models.acssm.fit import build_model, predict, train_model
-    from models.acssm.networks import LossWeights
-    from models.acssm.scores import to_tensors
-
-    p, device = job.params, torch.device(job.device)
-    info = read_meta(Path(job.data_dir))[job.task]
-    train = to_tensors(load_split(Path(job.data_dir), job.task, "train"), device)
-    test = to_tensors(load_split(Path(job.data_dir), job.task, "test"), device)
-    torch.manual_seed(job.seed)
-    model = build_model(job.model, info.task, info.obs_dim, info.out_dim, model_config(p),
-                        causal=(job.task == "extrapolation")).to(device)
-    deterministic = job.model == "gru_dt"
-    history = train_model(model, train, p.epochs, p.batch_size, p.lr, p.weight_decay,
-                          LossWeights(p.lambda_control, p.lambda_potential),
-                          1 if deterministic else p.train_samples, job.seed, p.grad_clip)
-    out = predict(model, test, 1 if deterministic else p.eval_samples)
-    folder = Path(job.out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    io.save_state(folder / "model.safetensors", model.state_dict())
-    io.save_arrays(folder / "test_predictions.npz", **{k: v.cpu().numpy() for k, v in out.items()})
-    io.write_json(folder / "history.json", [{k: v for k, v in r.items() if k != "seconds"} for r in history])
-    summary = RunSummary(task=job.task, model=job.model, seed=job.seed, final_loss=history[-1]["loss"])
-    return FitResult(summary, history)
+def settings_for(p: FinetuneParams, task: str) -> TrainSettings:
+    """The settings of ``task``: the shared values, replaced by the task's entry of ``per_task``."""
+    own = p.per_task[task].model_dump() if task in p.per_task else {}
+    v = {**p.model_dump(), **own}
+    model = {k: v[k] for k in ("width", "state_dim", "num_basis", "n_layers", "n_heads", "dropout", "time_scale",
+                               "init_sigma", "skip", "sde_dt", "obs_var", "encoder")}
+    return TrainSettings(epochs=v["epochs"], batch_size=v["batch_size"], lr=v["lr"], weight_decay=v["weight_decay"],
+                         grad_clip=v["grad_clip"], lambda_control=p.lambda_control,
+                         lambda_potential=p.lambda_potential, train_samples=p.train_samples,
+                         eval_samples=p.eval_samples, model=model)
 
 
 @stage(params=FinetuneParams, inputs=("prepare",), gpu=True)
@@ -102,7 +85,7 @@ def finetune(ctx: StageContext, p: FinetuneParams) -> None:
 
     torch.set_num_threads(p.num_threads)
     src = ctx.input("prepare")
-    jobs = [FitJob(t, m, s, str(src), str(run_dir(ctx.out_dir, t, m, s)), str(ctx.device), p)
+    jobs = [FitJob(t, m, s, str(src), str(run_dir(ctx.out_dir, t, m, s)), str(ctx.device), settings_for(p, t))
             for t in p.tasks for s in p.seeds for m in p.models]
 
     def log(i: int, res: FitResult) -> None:

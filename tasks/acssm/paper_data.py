@@ -7,8 +7,9 @@ Expected layout under ``data_dir`` (nothing is downloaded):
     physionet/set-a/*.txt                 PhysioNet/CinC 2012, one file per ICU stay, lines "HH:MM,Param,Value"
     activity/ConfLongDemo_JSI.txt         UCI "Localization Data for Person Activity": lines
                                           "A01,010-000-024-033,<ticks>,27.05.2009 14:03:25:127,x,y,z,activity"
-    pendulum/pendulum.npz                 arrays obs [N,T,...] (images or vectors), targets [N,T,2],
-                                          times [N,T] (optional; default 0..T-1 * 0.1)
+    pendulum/pendulum.npz                 arrays obs [N,T,H,W(,C)] images (the conv encoder's input) or
+                                          [N,T,D] vectors, targets [N,T,2],
+                                          times [N,T] (optional; default 0..T-1 * 0.1), obs_valid [N,T]
 
 Each loader returns series in the acssm stage format (see tasks/acssm/data.py).
 """
@@ -143,10 +144,20 @@ def load_activity(path: Path, window: int = 50) -> dict:
     return pad_series(items, 12, label=True)
 
 
-def load_pendulum(path: Path) -> dict:
-    """Pendulum npz: obs [N,T,...] flattened per time point, targets [N,T,2], optional times and obs_valid."""
+def load_pendulum(path: Path) -> tuple[dict, list[int] | None]:
+    """Pendulum npz: obs [N,T,H,W] or [N,T,H,W,C] (channels last, as CRU stores its frames) images, or
+    [N,T,D] vectors; targets [N,T,2], optional times and obs_valid. Returns the series with each frame
+    flattened channels-first, and the frame shape [C, H, W] (None for vectors) for the conv encoder."""
     with np.load(path) as f:
-        obs = f["obs"].reshape(f["obs"].shape[0], f["obs"].shape[1], -1).astype(np.float32)
+        raw = f["obs"]
+        if raw.ndim == 5:                                   # [N,T,H,W,C] -> [N,T,C,H,W]
+            raw = raw.transpose(0, 1, 4, 2, 3)
+        elif raw.ndim == 4:                                 # [N,T,H,W] -> one channel
+            raw = raw[:, :, None]
+        elif raw.ndim != 3:
+            raise ValueError(f"pendulum obs must be [N,T,D], [N,T,H,W] or [N,T,H,W,C], got shape {raw.shape}")
+        image_shape = [int(v) for v in raw.shape[2:]] if raw.ndim == 5 else None
+        obs = raw.reshape(raw.shape[0], raw.shape[1], -1).astype(np.float32)
         if obs.max() > 1.5:
             obs = obs / 255.0
         target = f["targets"].astype(np.float32)
@@ -156,8 +167,8 @@ def load_pendulum(path: Path) -> dict:
         if "obs_valid" in f.files:
             mask = np.broadcast_to(f["obs_valid"].reshape(obs.shape[0], obs.shape[1], 1), obs.shape).astype(np.float32)
     N, K = times.shape
-    return {"times": times, "values": np.where(mask > 0, obs, np.nan).astype(np.float32), "mask": mask,
-            "target": target, "target_mask": np.ones_like(target), "valid": np.ones((N, K), bool)}
+    return ({"times": times, "values": np.where(mask > 0, obs, np.nan).astype(np.float32), "mask": mask,
+             "target": target, "target_mask": np.ones_like(target), "valid": np.ones((N, K), bool)}, image_shape)
 
 
 def split(data: dict, seed: int, test_fraction: float = 0.2) -> dict:
@@ -204,17 +215,21 @@ def normalise(splits: dict) -> dict:
     return out
 
 
-def build_all(data_dir: Path, seed: int) -> dict:
-    """The four paper tasks from what is present under data_dir; missing data sets are skipped with a
-    clear error if none is present. Interpolation/extrapolation use USHCN (PhysioNet if USHCN is absent)."""
+def build_all(data_dir: Path, seed: int) -> tuple[dict, dict]:
+    """The four paper tasks from what is present under data_dir, and each task's meta extras (source,
+    image_shape); missing data sets are skipped, with a clear error if none is present.
+    Interpolation/extrapolation use USHCN (PhysioNet if USHCN is absent)."""
     data_dir = Path(data_dir)
-    built = {}
+    built, extra = {}, {}
     act = data_dir / "activity" / "ConfLongDemo_JSI.txt"
     if act.exists():
         built["classification"] = split(load_activity(act), seed)
+        extra["classification"] = {"source": "UCI person activity"}
     pend = data_dir / "pendulum" / "pendulum.npz"
     if pend.exists():
-        built["regression"] = split(load_pendulum(pend), seed)
+        series, image_shape = load_pendulum(pend)
+        built["regression"] = split(series, seed)
+        extra["regression"] = {"source": "pendulum", "image_shape": image_shape}
     ushcn = data_dir / "ushcn" / "small_chunked_sporadic.csv"
     phys = data_dir / "physionet" / "set-a"
     source = load_ushcn(ushcn) if ushcn.exists() else (load_physionet(phys) if phys.exists() else None)
@@ -222,6 +237,8 @@ def build_all(data_dir: Path, seed: int) -> dict:
         base = normalise(split(source, seed))
         built["interpolation"] = {k: hide_for_interpolation(v, seed + i) for i, (k, v) in enumerate(base.items())}
         built["extrapolation"] = {k: hide_future(v) for k, v in base.items()}
+        name = "USHCN" if ushcn.exists() else "PhysioNet 2012"
+        extra["interpolation"] = extra["extrapolation"] = {"source": name}
     if not built:
         raise FileNotFoundError(f"no paper data set found under {data_dir} (see tasks/acssm/paper_data.py)")
-    return built
+    return built, extra

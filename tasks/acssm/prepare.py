@@ -62,7 +62,7 @@ def task_meta(name: str, splits: dict[str, dict[str, np.ndarray]], extra: dict) 
                     out_dim=int(train["target"].max()) + 1 if classification else int(train["target"].shape[-1]),
                     n_train=int(train["times"].shape[0]), n_test=int(splits["test"]["times"].shape[0]),
                     points=int(splits["test"]["times"].shape[1]), source=extra.get("source", ""),
-                    channels=extra.get("channels"), scale=extra.get("scale"))
+                    channels=extra.get("channels"), scale=extra.get("scale"), image_shape=extra.get("image_shape"))
 
 
 @stage(params=PrepareParams)
@@ -73,8 +73,7 @@ def prepare(ctx: StageContext, p: PrepareParams) -> None:
     if p.source == "paper":
         from tasks.acssm import paper_data
 
-        built = paper_data.build_all(Path(p.data_dir), ctx.seed)
-        extra = {name: {"source": f"paper data under {p.data_dir}"} for name in built}
+        built, extra = paper_data.build_all(Path(p.data_dir), ctx.seed)
     else:
         built, extra = synthetic_tasks(p, ctx.seed)
     meta = {}

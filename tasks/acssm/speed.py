@@ -9,6 +9,7 @@ Euler step dt = horizon / steps on that task."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
@@ -34,6 +35,7 @@ class SpeedParams(Params):
     n_layers: int = Field(gt=0)
     n_heads: int = Field(gt=0)
     time_scale: float = Field(gt=0)
+    encoder: Literal["mlp", "cnn"] = Field(description="embedding of image observations (as in finetune)")
     train_samples: int = Field(gt=0, description="latent samples per series (same for both models)")
     num_threads: int = Field(gt=0, description="torch threads of this (single) timing process")
 
@@ -46,8 +48,10 @@ class SpeedParams(Params):
 
 
 def _config(p: SpeedParams, sde_dt: float) -> dict:
+    """The timed models' config; dropout 0, init_sigma 1 and obs_var 0.01 change values, not the cost."""
     return dict(width=p.width, state_dim=p.state_dim, num_basis=p.num_basis, n_layers=p.n_layers,
-                n_heads=p.n_heads, time_scale=p.time_scale, skip=True, sde_dt=sde_dt, obs_var=0.01)
+                n_heads=p.n_heads, dropout=0.0, time_scale=p.time_scale, init_sigma=1.0, skip=True,
+                sde_dt=sde_dt, obs_var=0.01, encoder=p.encoder)
 
 
 def euler_step(horizon: float, steps: int) -> float:
@@ -73,7 +77,8 @@ def timed_round(info, train: dict, p: SpeedParams, dts: dict, seed: int, max_bat
     for key in keys:
         torch.manual_seed(seed)
         name, sde_dt = ("acssm", 1.0) if key == "acssm" else ("latent_sde", dts[key])
-        models[key] = build_model(name, info.task, info.obs_dim, info.out_dim, _config(p, sde_dt), causal=False)
+        models[key] = build_model(name, info.task, info.obs_dim, info.out_dim, _config(p, sde_dt), causal=False,
+                                  image_shape=info.image_shape)
         opts[key] = torch.optim.AdamW(models[key].parameters(), lr=p.lr, weight_decay=0.0)
     n = train["times"].shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
