@@ -28,9 +28,7 @@ from torch import nn
 PAPER_DIT_XL2_SCHEDULE = (28, 28, 24, 24, 20, 20, 16, 16, 12, 12)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The exit schedule e(t)
-# ----------------------------------------------------------------------------------------------------
+# -------------------- The exit schedule e(t) ----------------------------------------------------
 @dataclass(frozen=True)
 class ExitSchedule:
     """Number of transformer blocks to run for each of ``len(blocks)`` equal bins of t in [0, T).
@@ -109,9 +107,7 @@ def schedule_for(model: nn.Module, blocks: Sequence[int] | None, num_train_times
     return ExitSchedule(tuple(blocks), num_layers, num_train_timesteps, n_bins)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The early-exit forward
-# ----------------------------------------------------------------------------------------------------
+# -------------------- The early-exit forward ----------------------------------------------------
 def _output_head(model: nn.Module, h: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor):
     """DiT's final adaLN norm + linear + unpatchify, exactly as ``DiTTransformer2DModel.forward`` does it.
 
@@ -192,9 +188,7 @@ def block_evaluations_per_image(schedule: ExitSchedule, timesteps: Iterable, gui
     return total * (2 if guidance else 1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Training: DiT init, label dropout, frozen time embedder, noise-prediction loss with the schedule
-# ----------------------------------------------------------------------------------------------------
+# ---------- Training: DiT init, label dropout, frozen time embedder, the loss on the exited output ----------
 def dit_init_(model: nn.Module) -> nn.Module:
     """DiT's initialisation for training from scratch (diffusers expects pretrained weights instead).
 
@@ -340,9 +334,7 @@ def fit_denoiser(model: nn.Module, schedule: ExitSchedule, noise_scheduler, x: t
     return ema_model
 
 
-# ----------------------------------------------------------------------------------------------------
-# Sampling with diffusers schedulers
-# ----------------------------------------------------------------------------------------------------
+# -------------------- Sampling with diffusers schedulers ----------------------------------------
 @torch.no_grad()
 def sample(denoiser: Callable, scheduler, labels: torch.Tensor, shape: tuple[int, ...], num_inference_steps: int,
            generator: torch.Generator, guidance_scale: float = 1.0, null_label: int | None = None,
@@ -378,14 +370,20 @@ def _solver_step(denoiser: Callable, scheduler, x: torch.Tensor, t, labels: torc
 def sampling_grid(denoisers: dict[str, "EarlyExitDenoiser"], samplers: dict[str, int], labels: torch.Tensor,
                   shape: tuple[int, ...], seeds: Sequence[int], batch_size: int, guidance_scale: float = 1.0,
                   null_label: int | None = None, device: torch.device | str = "cpu", warmup: bool = True,
-                  on_done: Callable[[str, str, int], None] | None = None) -> dict:
+                  on_done: Callable[[str, str, int], None] | None = None, timing_passes: int = 1,
+                  timed: Sequence[str] | None = None) -> dict:
     """Sample every (seed, sampler, variant) and time it, interleaving variants (speed is measured in one
-    process, same batch size, variant order rotated per seed so drift and warm-up do not favour one).
-
-    Every variant of a (seed, sampler) pair starts from the same noise and labels (paired comparison).
-    Returns {(seed, sampler, variant): {"images", "seconds", "images_per_s", "blocks_per_image"}}.
+    process, same batch size, variant order rotated per seed so drift and warm-up do not favour one); every
+    variant of a (seed, sampler) pair starts from the same noise and labels (paired comparison). With
+    ``timing_passes`` > 1 the ``timed`` variants (default: all) sample each batch again, timing only, and a
+    solver step's time is its minimum over the passes (as ``timeit``: a disturbance only adds time).
+    Returns {(seed, sampler, variant): {"images", "seconds", "images_per_s", "blocks_per_image", "timing_passes"}}.
     """
     names = list(denoisers)
+    timed = names if timed is None else list(timed)
+    if timing_passes < 1 or not set(timed) <= set(names):
+        raise ValueError(f"timing_passes must be >= 1 (got {timing_passes}) and the timed variants {timed} "
+                         f"among the denoisers {names}")
     if warmup:  # one small untimed run per variant and sampler: allocations, lazy init, caches
         for sampler_name, steps in samplers.items():
             for name in names:
@@ -400,17 +398,27 @@ def sampling_grid(denoisers: dict[str, "EarlyExitDenoiser"], samplers: dict[str,
             imgs = {name: [] for name in names}
             seconds = dict.fromkeys(names, 0.0)
             for i in range(0, len(labels), batch_size):
+                start = {name: gens[name].get_state() for name in timed}  # this batch's noise, for the repeats
                 res, secs = _sample_lockstep(denoisers, sampler_name, labels[i:i + batch_size], shape, steps, gens,
                                              guidance_scale, null_label, device, rotate=si)
+                blocks_after = {name: denoisers[name].block_evaluations for name in names}
+                for extra in range(1, timing_passes):  # the same batch again, timing only
+                    again = {name: torch.Generator().set_state(start[name]) for name in timed}
+                    _, secs_r = _sample_lockstep({name: denoisers[name] for name in timed}, sampler_name,
+                                                 labels[i:i + batch_size], shape, steps, again, guidance_scale,
+                                                 null_label, device, rotate=si + extra)
+                    secs.update({name: [min(a, b) for a, b in zip(secs[name], secs_r[name])] for name in timed})
                 for name in names:
+                    denoisers[name].block_evaluations = blocks_after[name]  # count the first pass only
                     imgs[name].append(res[name].cpu())
-                    seconds[name] += secs[name]
+                    seconds[name] += sum(secs[name])
             n = len(labels)
             for name in names:
                 out[(seed, sampler_name, name)] = {
                     "images": torch.cat(imgs[name]), "seconds": seconds[name],
                     "images_per_s": n / seconds[name],
-                    "blocks_per_image": denoisers[name].block_evaluations / n}
+                    "blocks_per_image": denoisers[name].block_evaluations / n,
+                    "timing_passes": timing_passes if name in timed else 1}
                 if on_done is not None:
                     on_done(sampler_name, name, int(seed))
     return out
@@ -422,7 +430,7 @@ def _sample_lockstep(denoisers: dict, sampler_name: str, labels: torch.Tensor, s
     """``sample`` for every variant at once, advancing them one solver step at a time in rotating order
     and timing each variant's own steps: a slow-down of the machine that lasts longer than one step hits
     every variant alike, so the speed ratios stay fair on a busy machine. Each variant keeps its own
-    scheduler and generator, so its images are exactly those of ``sample`` with the same generator."""
+    scheduler and generator (images exactly those of ``sample``); returns them and each step's seconds."""
     import time
 
     names = list(denoisers)
@@ -433,7 +441,7 @@ def _sample_lockstep(denoisers: dict, sampler_name: str, labels: torch.Tensor, s
         sch.set_timesteps(steps)
         x = torch.randn((labels.shape[0], *shape), generator=gens[name]).to(device) * sch.init_noise_sigma
         states[name] = [sch, x]
-    seconds = dict.fromkeys(names, 0.0)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
     for k, t in enumerate(states[names[0]][0].timesteps):
         shift = (rotate + k) % len(names)
         for name in names[shift:] + names[:shift]:
@@ -443,7 +451,7 @@ def _sample_lockstep(denoisers: dict, sampler_name: str, labels: torch.Tensor, s
                                            null_label, device)
             if sync:
                 torch.cuda.synchronize()
-            seconds[name] += time.perf_counter() - t0
+            seconds[name].append(time.perf_counter() - t0)
     return {name: states[name][1] for name in names}, seconds
 
 

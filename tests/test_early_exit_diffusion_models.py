@@ -237,6 +237,41 @@ def test_lockstep_timing_grid_gives_exactly_the_images_of_sequential_sampling(di
     assert grid[(3, name, "ase")]["blocks_per_image"] < grid[(3, name, "full")]["blocks_per_image"]
 
 
+def test_timing_passes_keep_the_images_and_block_counts_and_take_the_per_step_minimum(dit, monkeypatch):
+    import models.early_exit_diffusion as eed
+
+    dens = {"full": EarlyExitDenoiser(dit, ExitSchedule.full(4)),
+            "ase": EarlyExitDenoiser(dit, ExitSchedule((4, 4, 3, 3, 2, 2, 1, 1, 1, 1), num_layers=4)),
+            "other": EarlyExitDenoiser(dit, ExitSchedule.full(4).reversed())}
+    labels = torch.tensor([0, 1, 2])
+    kw = dict(seeds=[3], batch_size=2, guidance_scale=1.5, null_label=10, warmup=False)
+    one = eed.sampling_grid(dens, {"ddpm": 4}, labels, (1, 8, 8), **kw)
+    calls = []
+    real = eed._sample_lockstep
+
+    def fake_times(denoisers, *a, **k):  # pass r: every step of every variant takes 3 - r seconds... except one
+        imgs, secs = real(denoisers, *a, **k)
+        r = len(calls) % 3
+        calls.append(sorted(denoisers))
+        return imgs, {name: [3.0 - r if j != 1 else 1.0 + r for j in range(len(s))] for name, s in secs.items()}
+
+    monkeypatch.setattr(eed, "_sample_lockstep", fake_times)
+    three = eed.sampling_grid(dens, {"ddpm": 4}, labels, (1, 8, 8), timing_passes=3, timed=["full", "ase"], **kw)
+    assert calls == [["ase", "full", "other"], ["ase", "full"], ["ase", "full"]] * 2  # 2 batches, 2 extra passes
+    for v in dens:
+        assert torch.equal(three[(3, "ddpm", v)]["images"], one[(3, "ddpm", v)]["images"])
+        assert three[(3, "ddpm", v)]["blocks_per_image"] == one[(3, "ddpm", v)]["blocks_per_image"]
+    # per step the minimum over the passes: 3 steps at 1 s (pass 3) and step 1 at 1 s (pass 1), per batch
+    assert three[(3, "ddpm", "full")]["seconds"] == 2 * 4 * 1.0
+    assert three[(3, "ddpm", "full")]["timing_passes"] == 3
+    assert three[(3, "ddpm", "other")]["seconds"] == 2 * (3 * 3.0 + 1.0)  # one pass: untouched
+    assert three[(3, "ddpm", "other")]["timing_passes"] == 1
+    with pytest.raises(ValueError, match="timing_passes"):
+        eed.sampling_grid(dens, {"ddpm": 4}, labels, (1, 8, 8), timing_passes=0, **kw)
+    with pytest.raises(ValueError, match="among the denoisers"):
+        eed.sampling_grid(dens, {"ddpm": 4}, labels, (1, 8, 8), timing_passes=2, timed=["ase", "nope"], **kw)
+
+
 def test_ase_finetuning_lowers_the_early_exit_loss_below_naive_exiting():
     """The mechanism under test: after pretraining the full model, exiting early with its weights as they
     are (naive) costs loss; fine-tuning for the exit schedule (ASE) recovers part of it on a fixed batch."""

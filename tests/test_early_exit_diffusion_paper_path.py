@@ -43,7 +43,7 @@ def test_paper_path_finetunes_and_samples_a_saved_dit(tmp_path):
                          "ema_decay": 0.9999, "label_dropout": 0.1, "freeze_time_embedder": True, "seeds": [0],
                          "workers": 1},
             "evaluate": {"samplers": {"ddpm": 3, "ddim": 3, "dpm_solver": 3}, "num_images": 10, "batch_size": 5,
-                         "guidance_scale": 1.5, "speedup_threshold": 1.25, "quality_tolerance": 1.1,
+                         "guidance_scale": 1.5, "timing_passes": 2, "speedup_threshold": 1.25, "quality_tolerance": 1.1,
                          "finetuning_fd_ratio": 1.0, "direction_fd_ratio": 1.0, "fewer_steps_fd_ratio": 1.0,
                          "base_label_accuracy_min": 0.85,
                          "base_fd_ratio_max": 3.0, "grid_sampler": "ddim", "workers": 1},
