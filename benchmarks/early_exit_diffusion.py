@@ -1,13 +1,14 @@
 """Benchmark: sampling speed of the full DiT vs ASE early exiting, per sampler, side by side.
 
-    python benchmarks/early_exit_diffusion.py [--repeats 3] [--num-images 250] [--batch-size 250]
+    python benchmarks/early_exit_diffusion.py [--repeats 3] [--timing-passes 3] [--num-images 250] [--batch-size 250]
 
 Uses the trained models of `dvc repro early_exit_diffusion-evaluate` when artifacts/ holds them (the
 pretrained full model, the ASE fine-tune of the first seed), else a randomly initialised DiT of the
 params.yaml size (speed does not depend on the weights).  Samplers, steps, batch size and schedule come
 from params.yaml.  Timing is `models.early_exit_diffusion.sampling_grid`, the code the evaluate stage's
 `ase_faster` claim uses: one process, variants interleaved (order rotated per repeat), warm-up excluded,
-same batch size and same noise for both variants.
+same batch size and same noise for both variants, each solver step timed over `--timing-passes` lockstep
+passes (the minimum; default: params.yaml's evaluate.timing_passes).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant and sampler")
+    parser.add_argument("--timing-passes", type=int, default=None,
+                        help="lockstep passes per batch, per step the minimum (default: params.yaml)")
     parser.add_argument("--num-images", type=int, default=None, help="images per run (default: params.yaml)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: params.yaml evaluate.batch_size")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -62,10 +65,12 @@ def main(argv=None) -> int:
     dens = {"full": EarlyExitDenoiser(full_model, schedule_for(full_model, None)),
             "ase": EarlyExitDenoiser(ase_model, schedule_for(ase_model, ft["schedule"]))}
     labels = torch.arange(n) % 10
+    passes = args.timing_passes or ev["timing_passes"]
     print(f"models: {source}; {len(full_model.transformer_blocks)} blocks; ASE schedule {ft['schedule']} "
           f"({dens['ase'].schedule.compute_fraction:.0%} of block compute); {n} images/run, batch {bs}, "
-          f"{args.repeats} repeats, torch threads {torch.get_num_threads()}")
-    grid = sampling_grid(dens, dict(ev["samplers"]), labels, (c, s, s), list(range(args.repeats)), bs)
+          f"{args.repeats} repeats of {passes} timing passes, torch threads {torch.get_num_threads()}")
+    grid = sampling_grid(dens, dict(ev["samplers"]), labels, (c, s, s), list(range(args.repeats)), bs,
+                         timing_passes=passes)
     print(f"{'sampler':<11} {'steps':>5} {'full img/s':>11} {'ASE img/s':>10} {'speed-up':>9} "
           f"{'full blocks/img':>16} {'ASE blocks/img':>15} {'block ratio':>12}")
     for sampler, steps in ev["samplers"].items():
