@@ -249,7 +249,7 @@ def test_timing_passes_keep_the_images_and_block_counts_and_take_the_per_step_mi
     calls = []
     real = eed._sample_lockstep
 
-    def fake_times(denoisers, *a, **k):  # pass r: every step of every variant takes 3 - r seconds... except one
+    def fake_times(denoisers, *a, **k):  # pass r = 0, 1, 2: every step takes 3 - r s, but step 1 takes 1 + r s
         imgs, secs = real(denoisers, *a, **k)
         r = len(calls) % 3
         calls.append(sorted(denoisers))
