@@ -132,3 +132,22 @@ def test_paper_scale_image_folders_run_through_the_same_stages(tmp_path):
     assert meta["channels"] == 3 and meta["domain_b_classes"] == [1] and meta["num_classes"] == 2
     metrics = json.loads((tmp_path / "results" / PAPER / "metrics.json").read_text())
     assert set(metrics["claims"]) == CLAIMS
+
+
+def test_the_global_seed_reaches_the_trained_posterior_control():
+    """Another global seed (``python -m tasks seeds``) must train other controls: the posterior jobs seed
+    torch with the global seed + the seed, so at global seed 0 the committed runs are unchanged."""
+    import torch
+    import yaml
+
+    from tasks.core.params import deep_merge
+    from tasks.function_space_bridges.posterior import PosteriorJob, PosteriorParams, train_job
+    from tests.conftest import ROOT
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())[PAPER]["posterior"]
+    smoke = yaml.safe_load((ROOT / "scales" / "smoke.yaml").read_text())[PAPER].get("posterior", {})
+    p = PosteriorParams.model_validate(deep_merge(params, smoke)).model_copy(update={"steps": 2})
+    run = lambda train_seed: train_job(PosteriorJob(0, p.model_dump(), "cpu", train_seed))["state"]
+    a, b, c = run(0), run(0), run(1000)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

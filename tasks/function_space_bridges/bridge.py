@@ -26,6 +26,7 @@ class BridgeJob:
     prepare_dir: str
     params: dict
     device: str
+    train_seed: int  # the global seed + seed: another global seed trains other bridges
 
 
 def train_job(job: BridgeJob) -> dict:
@@ -38,7 +39,7 @@ def train_job(job: BridgeJob) -> dict:
 
     p = ExperimentParams.model_validate(job.params)
     pi0, pi1, dim, channels = load_training_data(Path(job.prepare_dir), job.experiment)
-    torch.manual_seed(1000 * job.seed + EXPERIMENTS.index(job.experiment))
+    torch.manual_seed(1000 * job.train_seed + EXPERIMENTS.index(job.experiment))
     device = torch.device(job.device)
     pi0, pi1 = torch.from_numpy(pi0).to(device), torch.from_numpy(pi1).to(device)
     ou = reference_process(p.reference, tuple(pi0.shape[-dim:]), device)
@@ -55,7 +56,7 @@ def train_job(job: BridgeJob) -> dict:
 @stage(params=BridgeParams, inputs=("prepare",), gpu=True)
 def bridge(ctx: StageContext, p: BridgeParams) -> None:
     """Bridge matching with IDBM (forward, backward, ..., forward) per experiment and seed."""
-    jobs = [BridgeJob(e, s, str(ctx.input("prepare")), getattr(p, e).model_dump(), str(ctx.device))
+    jobs = [BridgeJob(e, s, str(ctx.input("prepare")), getattr(p, e).model_dump(), str(ctx.device), ctx.seed + s)
             for e in ("images", "functions") for s in p.seeds]  # the long jobs first
 
     def log(i, result):

@@ -59,6 +59,7 @@ class SeedJob:
     posterior_dir: str
     params: dict
     device: str
+    eval_seed: int  # the global seed + seed: another global seed draws other tasks, masks and samples
 
 
 def predictor(folder: Path, experiment: str, seed: int, model: str, exp: ExperimentParams, dim: int,
@@ -155,7 +156,7 @@ def evaluate_posterior(job: SeedJob, p: EvaluateParams) -> dict:
         f1 = f1.reshape(len(y), k, -1).double()
         return f1.mean(1), f1.std(1)
 
-    torch.manual_seed(10_000 + job.seed)
+    torch.manual_seed(10_000 + job.eval_seed)
     _, y, mask = random_tasks(ou, p.posterior_tasks, tuple(meta["context"]), noise)
     mean, std = soc_moments(y, mask)
     exact_mean, exact_var = exact_posterior(ou, y, mask, noise)
@@ -163,7 +164,7 @@ def evaluate_posterior(job: SeedJob, p: EvaluateParams) -> dict:
            "example": {"y": y[0].numpy(), "mask": mask[0].numpy(), "mean": mean[0].numpy(), "std": std[0].numpy(),
                        "exact_mean": exact_mean[0].numpy(), "exact_std": exact_var[0].sqrt().numpy()}}
     series = torch.from_numpy(io.load_arrays(Path(job.prepare_dir) / "series.npz")["elnino"]).to(job.device)
-    order = torch.argsort(torch.rand(series.shape, generator=torch.Generator().manual_seed(job.seed)), dim=-1)
+    order = torch.argsort(torch.rand(series.shape, generator=torch.Generator().manual_seed(job.eval_seed)), dim=-1)
     mask = (order < p.elnino_context).float().to(series.device)
     mean, std = soc_moments(series, mask)
     exact_mean, exact_var = exact_posterior(ou, series, mask, noise)
@@ -178,7 +179,7 @@ def evaluate_seed(job: SeedJob) -> dict:
     import torch
 
     p = EvaluateParams.model_validate(job.params)
-    torch.manual_seed(job.seed)
+    torch.manual_seed(job.eval_seed)
     experiments = io.read_json(Path(job.bridge_dir) / "meta.json")["experiments"]
     exp = {k: ExperimentParams.model_validate(v) for k, v in experiments.items()}
     meta = io.read_json(Path(job.prepare_dir) / "meta.json")
@@ -191,7 +192,7 @@ def evaluate(ctx: StageContext, p: EvaluateParams) -> None:
     """Scores at every resolution, claims by CIs over seeds, plots."""
     seeds = io.read_json(ctx.input("bridge") / "meta.json")["seeds"]
     jobs = [SeedJob(s, str(ctx.input("prepare")), str(ctx.input("bridge")), str(ctx.input("posterior")),
-                    p.model_dump(), str(ctx.device)) for s in seeds]
+                    p.model_dump(), str(ctx.device), ctx.seed + s) for s in seeds]
     rows = ctx.map(evaluate_seed, jobs, workers=p.workers, desc="seeds")
     claims, gates = decide(rows, p.margins)
     examples = [{k: r[k].pop("examples", None) if k != "posterior" else r[k].pop("example") for k in

@@ -31,6 +31,7 @@ class PosteriorJob:
     seed: int
     params: dict
     device: str
+    train_seed: int  # the global seed + seed: another global seed trains other controls
 
 
 def train_job(job: PosteriorJob) -> dict:
@@ -39,7 +40,7 @@ def train_job(job: PosteriorJob) -> dict:
     from models.function_space_bridges.posterior import random_tasks, relative_entropy_loss
 
     p = PosteriorParams.model_validate(job.params)
-    torch.manual_seed(job.seed)
+    torch.manual_seed(job.train_seed)
     ou = reference_process(p.reference, (p.grid,), job.device)
     net = control_net(p.grid, p.width, p.depth).to(job.device)
     opt = torch.optim.Adam(net.parameters(), lr=p.lr)
@@ -59,7 +60,7 @@ def train_job(job: PosteriorJob) -> dict:
 @stage(params=PosteriorParams, gpu=True)
 def posterior(ctx: StageContext, p: PosteriorParams) -> None:
     """Relative-entropy SOC control for GP-regression posteriors (the reference's terminal law is the prior)."""
-    jobs = [PosteriorJob(seed, p.model_dump(), str(ctx.device)) for seed in p.seeds]
+    jobs = [PosteriorJob(seed, p.model_dump(), str(ctx.device), ctx.seed + seed) for seed in p.seeds]
 
     def log(i, result):
         for step in range(0, len(result["curve"]), 25):
