@@ -146,3 +146,23 @@ def test_paper_scale_loader_on_tiny_local_files(tmp_path):
     assert set(metrics["claims"]) == CLAIMS
     images = json.loads((tmp_path / "artifacts" / PAPER / "image_symmetry" / "results.json").read_text())
     assert images["size"] == 32 and len(images["runs"]) == 2   # the paper's 32 x 32 images, two smoke seeds
+
+
+def test_the_global_seed_reaches_the_image_track():
+    """Another global seed (``python -m tasks seeds``) must draw other splits and train other nets: each
+    image job seeds with the global seed + the seed, so at global seed 0 the committed runs are unchanged."""
+    import torch
+    import yaml
+
+    from tasks.core.params import deep_merge
+    from tasks.symmetry_generators.image_symmetry import ImageJob, ImageSymmetryParams, image_seed
+    from tests.conftest import ROOT
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())[PAPER]["image_symmetry"]
+    smoke = yaml.safe_load((ROOT / "scales" / "smoke.yaml").read_text())[PAPER]["image_symmetry"]
+    p = ImageSymmetryParams.model_validate(deep_merge(params, smoke))
+    run = lambda train_seed: image_seed(ImageJob(0, "cpu", p.model_dump(), train_seed))  # noqa: E731
+    a, b, c = run(0), run(0), run(1000)
+    assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"]) and a["validity"] == b["validity"]
+    assert not all(torch.equal(a["state"][k], c["state"][k]) for k in a["state"])
+    assert a["seed"] == c["seed"] == 0

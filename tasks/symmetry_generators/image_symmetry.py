@@ -60,6 +60,7 @@ class ImageJob:
     seed: int
     device: str
     params: dict
+    train_seed: int  # the global seed + seed: another global seed draws other splits, nets and subsets
 
 
 def load_images(p: ImageSymmetryParams):
@@ -107,11 +108,11 @@ def image_seed(job: ImageJob) -> dict:
     device = torch.device(job.device)
     images, labels = load_images(p)
     images, labels = images.to(device), labels.to(device)
-    split = stratified_split(labels.cpu().numpy(), {"test": p.test_fraction}, job.seed)
+    split = stratified_split(labels.cpu().numpy(), {"test": p.test_fraction}, job.train_seed)
     train, test = torch.from_numpy(split["train"]).to(device), torch.from_numpy(split["test"]).to(device)
     size = images.shape[-1]
-    gen = torch.Generator().manual_seed(job.seed)
-    torch.manual_seed(job.seed)
+    gen = torch.Generator().manual_seed(job.train_seed)
+    torch.manual_seed(job.train_seed)
     classes = int(labels.max()) + 1
     new_cnn = lambda: I.FeatureCNN(size, p.channels, p.feature_dim, classes, images.shape[1]).to(device)
     extractor = I.train_classifier(new_cnn(), images[train], labels[train], p.extractor_epochs, 64, 2e-3, gen)
@@ -137,9 +138,9 @@ def image_seed(job: ImageJob) -> dict:
                   "learned": I.flow_augmenter(net.combined, p.n_generators, p.aug_scale, p.rk4_steps)}
     accuracy = {}
     for method, augment in augmenters.items():
-        torch.manual_seed(job.seed)
+        torch.manual_seed(job.train_seed)
         clf = I.train_classifier(new_cnn(), images[small], labels[small], p.classifier_epochs, 32,
-                                 p.classifier_lr, torch.Generator().manual_seed(job.seed), augment)
+                                 p.classifier_lr, torch.Generator().manual_seed(job.train_seed), augment)
         with torch.no_grad():
             accuracy[method] = float((clf(images[test]).argmax(1) == labels[test]).float().mean())
     return {"seed": job.seed, "validity": table, "correlation": corr, "accuracy": accuracy, "curve": curve,
@@ -149,7 +150,7 @@ def image_seed(job: ImageJob) -> dict:
 @stage(params=ImageSymmetryParams, gpu=True)
 def image_symmetry(ctx: StageContext, p: ImageSymmetryParams) -> None:
     """Digits: feature-based validity, learned generators vs rotation/scaling, augmented classifiers."""
-    jobs = [ImageJob(seed, str(ctx.device), p.model_dump()) for seed in p.seeds]
+    jobs = [ImageJob(seed, str(ctx.device), p.model_dump(), ctx.seed + seed) for seed in p.seeds]
 
     def log(i, result):
         ctx.log_metrics({f"accuracy_{m}_seed{result['seed']}": v for m, v in result["accuracy"].items()})
