@@ -147,6 +147,21 @@ def _tiny_models(tmp_path):
     return roberta, llama
 
 
+def test_transfer_runs_of_one_seed_share_a_build_as_if_each_were_built_afresh(smoke_repo):
+    """The transfer check builds the full model once per seed and resets weights and RNG before each lr:
+    every lr's result equals that of a job built for it alone."""
+    from tasks.bo_fusion.hpo import transfer_run_one
+
+    dvc(smoke_repo, "repro", f"{PAPER}-prepare")
+    params = yaml.safe_load((smoke_repo / "params.yaml").read_text())[PAPER]["hpo"]
+    job = dict(prepare=str(smoke_repo / "artifacts" / PAPER / "prepare"), device="cpu", params=params, seed=1,
+               batch_size=8)
+    shared = transfer_run_one(dict(job, lrs=[1e-3, 3e-4]))
+    alone = [transfer_run_one(dict(job, lrs=[lr]))[0] for lr in (1e-3, 3e-4)]
+    assert [r["lr"] for r in shared] == [1e-3, 3e-4]
+    assert shared == alone
+
+
 def test_a_poisoned_param_fails_the_repro_and_keeps_every_output(smoke_repo):
     from tests.conftest import assert_poisoned_param_keeps_outputs, dvc as _dvc
 

@@ -109,16 +109,27 @@ def proxy_search_one(job: dict) -> dict:
                       bo_eval_seconds=trace.eval_seconds, transfer=None).model_dump(mode="json")
 
 
-def transfer_run_one(job: dict) -> dict:
-    """The full model (not the proxy) trained like a proxy run at one (seed, lr); top-level for workers."""
+def transfer_run_one(job: dict) -> list[dict]:
+    """The full model (not the proxy) trained like a proxy run at each of ``job["lrs"]``, from one seed:
+    built and its frozen features cached once, then every run starts from the same weights and torch RNG
+    state, as if the model had been built afresh for it. Top-level for workers."""
+    import torch
+
     from models.bo_fusion.backbone import FrozenFeatureCache, split_batches
 
     p = HpoParams(**job["params"])
     meta, tensors = read_prepared(Path(job["prepare"]))
     model = _build(job, meta, "full", meta.model.frozen_layers, p.lora_rank, p, job["seed"])
     data = split_batches(model, tensors, ("train", "val"), FrozenFeatureCache())
-    return TransferRun(seed=job["seed"], lr=job["lr"], best_val_f1=_train(model.module, data, p, job["lr"],
-                                                                          job["batch_size"], job["seed"])).model_dump()
+    init = {k: v.clone() for k, v in model.module.state_dict().items()}
+    rng = torch.get_rng_state()
+    out = []
+    for lr in job["lrs"]:
+        model.module.load_state_dict(init)
+        torch.set_rng_state(rng)
+        out.append(TransferRun(seed=job["seed"], lr=lr, best_val_f1=_train(model.module, data, p, lr,
+                                                                           job["batch_size"], job["seed"])).model_dump())
+    return out
 
 
 @stage(params=HpoParams, inputs=("prepare",), gpu=True)
@@ -138,12 +149,12 @@ def hpo(ctx: StageContext, p: HpoParams) -> None:
         ctx.log_metrics({f"{v}_chosen_lr": out.chosen.lr, f"{v}_chosen_batch_size": out.chosen.batch_size})
     full = result.variants.get("full")
     if full is not None and p.grid_lrs:
-        jobs = [dict(base, seed=s, lr=lr, batch_size=full.chosen.batch_size, chosen=i == len(p.grid_lrs))
-                for s in p.transfer_seeds for i, lr in enumerate([*p.grid_lrs, full.chosen.lr])]
+        jobs = [dict(base, seed=s, lrs=[*p.grid_lrs, full.chosen.lr], batch_size=full.chosen.batch_size)
+                for s in p.transfer_seeds]  # one job per seed: the grid, then the chosen lr
         runs = ctx.map(transfer_run_one, jobs, workers=p.workers, desc="transfer check")
         full.transfer = TransferCheck(
-            seeds=list(p.transfer_seeds), grid=[TransferRun(**r) for r, j in zip(runs, jobs) if not j["chosen"]],
-            at_chosen=[TransferRun(**r) for r, j in zip(runs, jobs) if j["chosen"]],
+            seeds=list(p.transfer_seeds), grid=[TransferRun(**r) for rs in runs for r in rs[:-1]],
+            at_chosen=[TransferRun(**rs[-1]) for rs in runs],
             majority_val_f1=majority_metric(tensors["val_labels"].long(), len(meta.labels), macro_f1))
         for r in full.transfer.at_chosen:
             ctx.log_metrics({"transfer_val_f1_at_chosen": r.best_val_f1}, step=r.seed)
